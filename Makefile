@@ -1,0 +1,51 @@
+# pickstyle — `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+PIP := $(BIN)/pip --disable-pip-version-check --quiet
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint format ui bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: pip must never pick a newer torch (several GB of CUDA packages on a CPU machine)
+	$(PIP) install torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
+	$(PIP) install -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pickstyle (CPU torch 2.13.0)
+
+demo: $(STAMP) ## run the whole pipeline on the embedded default: dvc repro (tiny profile, offline, CPU)
+	$(BIN)/dvc repro
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff lint + format check
+	$(BIN)/ruff check pickstyle flows tests bench
+	$(BIN)/ruff format --check pickstyle flows tests bench
+
+format: $(STAMP) ## ruff format + autofix
+	$(BIN)/ruff format pickstyle flows tests bench
+	$(BIN)/ruff check --fix pickstyle flows tests bench
+
+ui: $(STAMP) ## start the Prefect server and the MLflow UI on 127.0.0.1 and print both URLs
+	$(BIN)/python -m flows.ui
+
+bench: $(STAMP) ## run the CPU benchmarks (figures go to bench/RESULTS.md by hand)
+	$(BIN)/python bench/render.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/sample.py
+
+clean: ## remove the venv and generated outputs (DVC cache kept)
+	rm -rf $(VENV) data/pairs data/clips data/testclips data/latents models eval mlflow.db mlartifacts

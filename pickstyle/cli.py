@@ -1,0 +1,203 @@
+"""The ``pickstyle`` command: one sub-command per stage, plus ``stylize`` and ``import-adapter``.
+
+Heavy libraries (torch, diffusers, mlflow) are imported inside each command, so ``pickstyle --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pickstyle.config import ParamsError, load_params
+from pickstyle.errors import PickstyleError
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ParamsError(f"-S {item!r}: expected key=value (e.g. -S train.steps=50)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _params(args: argparse.Namespace):
+    return load_params(args.params, _parse_overrides(args.set))
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument(
+        "-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a param, e.g. -S train.steps=50 (repeatable)",
+    )
+
+
+def _print(result: Any) -> None:
+    if result is not None:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+# --- stage commands: each calls one library function -------------------------------------------------------------
+
+def cmd_pairs(args: argparse.Namespace) -> None:
+    from pickstyle.data.pairs import build_pairs
+
+    _print(build_pairs(_params(args)))
+
+
+def cmd_clips(args: argparse.Namespace) -> None:
+    from pickstyle.data.clips import build_clips
+
+    _print(build_clips(_params(args)))
+
+
+def cmd_backbone(args: argparse.Namespace) -> None:
+    from pickstyle.model.components import ensure_backbone
+
+    print(ensure_backbone(_params(args)))
+
+
+def cmd_latents(args: argparse.Namespace) -> None:
+    from pickstyle.latents import build_latents
+
+    _print(build_latents(_params(args)))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pickstyle.training import train
+
+    _print(train(_params(args), resume=args.resume))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pickstyle.evaluation import evaluate
+
+    _print(evaluate(_params(args)))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from pickstyle.registry import register
+
+    _print(register(_params(args)))
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    print(yaml.safe_dump(_params(args).model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+
+
+def cmd_import_adapter(args: argparse.Namespace) -> None:
+    from pickstyle.model.adapters import import_official_adapter
+
+    _print(import_official_adapter(args.checkpoint, args.output, alpha=args.alpha))
+
+
+def cmd_stylize(args: argparse.Namespace) -> None:
+    from pickstyle.stylize import stylize_file
+
+    params = _params(args)
+    sample = params.sample.model_copy()
+    for field, value in {
+        "steps": args.steps, "guidance": args.guidance, "t_guide": args.t_guide, "c_guide": args.c_guide,
+        "skip": args.skip, "scheduler": args.scheduler, "shift": args.shift,
+        "negative_prompt": args.negative_prompt, "cache_threshold": args.cache_threshold,
+        "adapter_scale": args.adapter_scale, "device": args.device,
+    }.items():
+        if value is not None:
+            setattr(sample, field, value)
+    if args.sequential:
+        sample.batched = False
+    out = stylize_file(
+        args.input, args.output, args.prompt, params=params, sample=sample, adapter=args.adapter,
+        model_uri=args.model, side_by_side=args.side_by_side, fit=args.fit, seed=args.seed,
+        max_frames=args.max_frames, on_long=args.long,
+    )
+    print(out)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "pairs": (cmd_pairs, "stage 1: build paired (source, style, caption) WebDataset shards in data/pairs"),
+    "clips": (cmd_clips, "stage 2: render synthetic camera-motion clips (data/clips) and test clips (data/testclips)"),
+    "backbone": (cmd_backbone, "stage 3a: build the tiny backbone offline, or check a local Wan2.1-VACE folder"),
+    "latents": (cmd_latents, "stage 3b: encode clips once: target latents, 96-ch context, prompt embeddings"),
+    "train": (cmd_train, "stage 4: train the context-style LoRA adapters (models/adapter)"),
+    "evaluate": (cmd_evaluate, "stage 5: stylize held-out test clips and score them (eval/)"),
+    "register": (cmd_register, "stage 6: register the adapter in MLflow (@challenger, gated @champion)"),
+    "stylize": (cmd_stylize, "re-render any video in a style (CS-CFG)"),
+    "import-adapter": (cmd_import_adapter, "convert an official PickStyle .pth checkpoint to a diffusers LoRA folder"),
+    "params": (cmd_params, "print the resolved params (defaults + params.yaml + -S overrides)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pickstyle",
+        description="PickStyle video-to-video style transfer: data, training, evaluation, registry, serving.",
+        epilog="The stages run in order pairs -> clips -> backbone -> latents -> train -> evaluate -> register; "
+        "`dvc repro` runs them all through their Prefect flows.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        _add_params_args(p)
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in models/adapter")
+        elif name == "import-adapter":
+            p.add_argument("checkpoint", help="official PickStyle checkpoint (.pth)")
+            p.add_argument("-o", "--output", required=True, help="output folder (diffusers LoRA format)")
+            p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+        elif name == "stylize":
+            _add_stylize_args(p)
+    return parser
+
+
+def _add_stylize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input video (anything PyAV reads: mp4, mov, webm, gif, ...)")
+    p.add_argument("-o", "--output", required=True, help="output .mp4 (written at the source fps)")
+    p.add_argument("--prompt", required=True, help='e.g. "anime style. a wolf walking in the snow"')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="adapter folder (diffusers LoRA format), e.g. models/adapter")
+    src.add_argument("--model", help="registered model, e.g. models:/pickstyle@champion")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--guidance", choices=["none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg"])
+    p.add_argument("--t-guide", type=float, help="text (style) guidance scale")
+    p.add_argument("--c-guide", type=float, help="context (video) guidance scale")
+    p.add_argument("--skip", type=int, help="start from the source latent noised to step k of N")
+    p.add_argument("--scheduler", choices=["unipc", "dpmpp", "euler"])
+    p.add_argument("--shift", type=float, help="sampling shift")
+    p.add_argument("--negative-prompt", help='negative prompt (default: Wan\'s; "" for none)')
+    p.add_argument("--cache-threshold", type=float, help="step-cache threshold (0 = off)")
+    p.add_argument("--adapter-scale", type=float, help="LoRA scale (0 = base model)")
+    p.add_argument("--sequential", action="store_true", help="run the guidance passes one by one (less memory)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="noise and null-context seed (default: %(default)s)")
+    p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="resize-to-cover + centre crop, or pad")
+    p.add_argument("--max-frames", type=int, default=None, help="use at most this many input frames")
+    p.add_argument(
+        "--long", choices=["windows", "cut"], default="windows",
+        help="videos longer than one clip: process in windows, or cut to one clip with a warning",
+    )
+    p.add_argument("--side-by-side", action="store_true", help="write source | result")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (PickstyleError, FileNotFoundError) as err:
+        print(f"pickstyle {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

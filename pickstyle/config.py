@@ -1,0 +1,360 @@
+"""Typed mirror of ``params.yaml``.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo'd key fails on load with its dotted name
+(``train.stpes: unknown key``). Top-level keys are the DVC stage names plus the shared ``profile``, ``seed``,
+``paths``, ``model`` and ``profiles``. Each DVC stage lists only the keys it reads (see ``dvc.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pickstyle.errors import PickstyleError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Wan2.1's default negative prompt (the reference code's "null text" for CFG and CS-CFG).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+class ParamsError(PickstyleError, ValueError):
+    """``params.yaml`` (or an override) is invalid; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Paths(_Section):
+    """Where stages read and write, relative to the working directory (never to ``DVC_ROOT``)."""
+
+    data: str = "data"
+    models: str = "models"
+    eval: str = "eval"
+    #: MLflow tracking database (sqlite); made absolute when used.
+    mlflow_db: str = "mlflow.db"
+    #: MLflow artifact root; made absolute when used.
+    mlflow_artifacts: str = "mlartifacts"
+
+
+class TinyBackbone(_Section):
+    """Sizes of the tiny Wan2.1-VACE built offline from configs (the embedded default)."""
+
+    num_layers: int = 4
+    vace_layers: list[int] = Field(default_factory=lambda: [0, 2])
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    ffn_dim: int = 64
+    text_dim: int = 32
+    freq_dim: int = 32
+    #: AutoencoderKLWan base channels (z_dim stays 16: the transformer's in/out channels).
+    vae_base_dim: int = 8
+    text_layers: int = 2
+    text_heads: int = 2
+    text_ffn_dim: int = 64
+    max_text_tokens: int = 32
+
+
+class Model(_Section):
+    """The backbone: built in-process for ``tiny``, read from a local diffusers-format folder otherwise."""
+
+    #: Local diffusers-format Wan2.1-VACE folder (real profiles). Ignored by ``tiny``.
+    path: str | None = None
+    #: ``auto`` = bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tiny: TinyBackbone = Field(default_factory=TinyBackbone)
+
+
+class Profile(_Section):
+    """What a profile fixes: the backbone kind and the clip geometry, plus LoRA size defaults."""
+
+    backbone: Literal["tiny", "wan-1.3b", "wan-14b"]
+    #: Frames per clip, 4n+1 (the VAE compresses time 4x plus the first frame).
+    frames: int
+    #: Multiples of 16 (8x VAE, 2x patch).
+    height: int
+    width: int
+    fps: int = 16
+    lora_rank: int = 128
+    lora_alpha: float = 128.0
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_4n1(cls, v: int) -> int:
+        if v < 1 or (v - 1) % 4:
+            raise ValueError(f"must be 4n+1 (e.g. 9, 17, 81), got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _mult16(cls, v: int) -> int:
+        if v < 16 or v % 16:
+            raise ValueError(f"must be a positive multiple of 16, got {v}")
+        return v
+
+
+def _default_profiles() -> dict[str, Profile]:
+    return {
+        "tiny": Profile(backbone="tiny", frames=9, height=64, width=96, fps=8, lora_rank=8, lora_alpha=8.0),
+        "wan-1.3b": Profile(backbone="wan-1.3b", frames=81, height=480, width=832, fps=16),
+        "wan-14b": Profile(backbone="wan-14b", frames=81, height=480, width=832, fps=16),
+    }
+
+
+class Pairs(_Section):
+    """The ``pairs`` stage: (source image, style image, caption) pairs as WebDataset shards."""
+
+    #: ``builtin`` = scikit-image photos x procedural styles; the others import a folder/manifest at ``root``.
+    source: Literal["builtin", "omniconsistency", "pickstyle_v1", "manifest"] = "builtin"
+    #: Folder (or CSV/JSONL manifest file) for the importers.
+    root: str | None = None
+    #: Built-in styles to render (names from ``pickstyle.data.styles.STYLES``).
+    styles: list[str] = Field(default_factory=lambda: ["anime", "sketch", "sepia", "pixel", "watercolor"])
+    #: Built-in pairs per style (random crop/scale/flip of the photos).
+    per_style: int = 48
+    #: Side of the square built-in pair images, in pixels.
+    size: int = 128
+    #: A style image whose size differs from its source: ``resize`` it to the source, or ``reject`` the pair.
+    on_size_mismatch: Literal["resize", "reject"] = "resize"
+    #: Samples per shard.
+    shard_size: int = 64
+
+
+class Clips(_Section):
+    """The ``clips`` stage: synthetic camera-motion clips with shared augmentation, and held-out test clips."""
+
+    #: Motion variants rendered per pair (K).
+    variants: int = 1
+    #: Relative weights of the moving motions (the reference mix by default; rotate drawn twice as often).
+    motion_mix: dict[str, float] = Field(
+        default_factory=lambda: {
+            "zoom_in": 1.0,
+            "zoom_out": 1.0,
+            "slide_left": 1.0,
+            "slide_right": 1.0,
+            "slide_up": 1.0,
+            "slide_down": 1.0,
+            "rotate": 2.0,
+            "dolly": 0.0,
+            "handheld": 0.0,
+            "tilt": 0.0,
+        }
+    )
+    #: Probability of a static clip (the reference: 0.2).
+    static_prob: float = 0.2
+    #: Source-only photometric augmentation (off: any colour change on the style image changes the style).
+    source_photometric: bool = False
+    #: H.264 quality: ``near_lossless`` (crf below) or ``lossless`` (crf 0, yuv444).
+    quality: Literal["near_lossless", "lossless"] = "near_lossless"
+    crf: int = 12
+    #: Optional folder of real videos (mp4/mov/webm/gif) cut into "reconstruct." clips.
+    reconstruct_dir: str | None = None
+    #: Caption description used for reconstruction clips.
+    reconstruct_description: str = "a real video clip"
+    #: Held-out procedural test scenes with object motion (written to ``data/testclips``).
+    test_clips: int = 6
+    #: Moving cut-out objects per test scene.
+    test_objects: int = 3
+    #: Samples per shard.
+    shard_size: int = 64
+    #: Parallel render workers (Prefect task mapping).
+    workers: int = 2
+    #: ``thread`` (Prefect's default runner) or ``dask`` (a local cluster, or ``dask_address``).
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = None
+    #: Clips in the preview grid.
+    preview_clips: int = 6
+
+
+class Latents(_Section):
+    """The ``latents`` stage: VAE/text encodings cached once per clip."""
+
+    shard_size: int = 64
+    #: Encode on this device (``auto`` = CUDA when available).
+    device: str = "auto"
+
+
+class Train(_Section):
+    """The ``train`` stage: one explicit flow-matching loop over cached latents."""
+
+    steps: int = 300
+    batch_size: int = 1
+    lr: float = 5.6e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    #: Flow-matching timestep shift (paper: 5).
+    shift: float = 5.0
+    #: Loss weighting over timesteps: ``bell`` (mid-schedule peak, as the reference) or ``none``.
+    weighting: Literal["bell", "none"] = "bell"
+    #: LoRA rank/alpha; null = the profile's default.
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    #: peft ``init_lora_weights`` (True = B zero, "gaussian", ...).
+    lora_init: bool | Literal["gaussian", "pissa", "olora"] = True
+    #: peft target regex (fullmatched): self-attention q/k/v of the VACE context blocks only.
+    lora_targets: str = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
+    gradient_checkpointing: bool = False
+    #: ``cached`` = train on the latents stage's shards; ``on_the_fly`` = encode VAE+text every step (reference).
+    mode: Literal["cached", "on_the_fly"] = "cached"
+    #: Fraction of "reconstruct." clips in a batch stream (0 = pairs only).
+    recon_ratio: float = 0.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+    #: MLflow experiment for training runs.
+    experiment: str = "pickstyle-train"
+
+
+class Sample(_Section):
+    """Sampling (Context-Style CFG) defaults for ``stylize`` and ``evaluate``."""
+
+    steps: int = 20
+    guidance: Literal["none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg"] = "cs_cfg"
+    t_guide: float = 5.0
+    c_guide: float = 4.0
+    #: Start from the source latent noised to step ``skip`` of ``steps``.
+    skip: int = 0
+    scheduler: Literal["unipc", "dpmpp", "euler"] = "dpmpp"
+    shift: float = 16.0
+    #: null = Wan's default negative prompt; "" is allowed.
+    negative_prompt: str | None = None
+    #: Run the three CS-CFG predictions as one batch-3 forward (False = sequential, lower memory).
+    batched: bool = True
+    #: Step-cache threshold (0 = no cache).
+    cache_threshold: float = 0.0
+    adapter_scale: float = 1.0
+    device: str = "auto"
+
+
+class Evaluate(_Section):
+    """The ``evaluate`` stage: stylize the held-out test clips with each variant and score them."""
+
+    sample: Sample = Field(default_factory=lambda: Sample(steps=8, skip=0))
+    #: Variants compared (``identity`` = output equals input).
+    variants: list[Literal["identity", "base", "cfg", "cs_cfg"]] = Field(
+        default_factory=lambda: ["identity", "base", "cfg", "cs_cfg"]
+    )
+    #: At most this many test clips (0 = all).
+    max_clips: int = 0
+    #: Optional local CLIP model folder for a text-frame score.
+    clip_model_path: str | None = None
+    experiment: str = "pickstyle-eval"
+
+
+class Register(_Section):
+    """The ``register`` stage: MLflow registry with ``@challenger`` / ``@champion`` aliases."""
+
+    model_name: str = "pickstyle"
+    #: Metric from ``eval/metrics.json`` that gates ``@champion``.
+    gate_metric: str = "cs_cfg/style_psnr"
+    higher_is_better: bool = True
+    #: The challenger must beat the champion by at least this much.
+    gate_margin: float = 0.0
+
+
+class Retrain(_Section):
+    """The ``retrain-style`` Prefect deployment."""
+
+    #: Per-style cron schedules, e.g. ``{"anime": "0 3 * * 1"}``.
+    schedules: dict[str, str] = Field(default_factory=dict)
+
+
+# ``register`` is also the name of ABCMeta.register on the class; instances see the field, so the warning is noise.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    profile: str = "tiny"
+    seed: int = 0
+    paths: Paths = Field(default_factory=Paths)
+    model: Model = Field(default_factory=Model)
+    profiles: dict[str, Profile] = Field(default_factory=_default_profiles)
+    pairs: Pairs = Field(default_factory=Pairs)
+    clips: Clips = Field(default_factory=Clips)
+    latents: Latents = Field(default_factory=Latents)
+    train: Train = Field(default_factory=Train)
+    sample: Sample = Field(default_factory=Sample)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    register: Register = Field(default_factory=Register)
+    retrain: Retrain = Field(default_factory=Retrain)
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> Params:
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+        return self
+
+    @property
+    def active(self) -> Profile:
+        """The selected profile."""
+        return self.profiles[self.profile]
+
+    @property
+    def lora_rank(self) -> int:
+        return self.train.lora_rank if self.train.lora_rank is not None else self.active.lora_rank
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.train.lora_alpha if self.train.lora_alpha is not None else self.active.lora_alpha
+
+    def section_hash(self, *keys: str) -> str:
+        """sha256 of the named top-level sections (for tags and cache keys)."""
+        dump = self.model_dump(mode="json")
+        payload = json.dumps({k: dump[k] for k in keys} if keys else dump, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return f"{source}: invalid params\n" + "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {dotted}: {p} is not a section")
+    node[leaf] = value
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params", overrides: dict[str, Any] | None = None) -> Params:
+    """Validate a params tree; ``overrides`` maps dotted keys (``train.steps``) to values."""
+    tree = dict(data or {})
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate ``params.yaml`` (a missing file means all defaults)."""
+    path = Path(path)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: top level must be a mapping")
+    return parse_params(data, str(path), overrides)

@@ -1,0 +1,1 @@
+"""Data: pair sources, procedural styles, camera motion, WebDataset shards, video I/O."""

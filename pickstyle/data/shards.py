@@ -1,0 +1,136 @@
+"""WebDataset shard I/O shared by every stage.
+
+Writing: :class:`ShardSink` fills ``<prefix>-%06d.tar`` files of ``shard_size`` samples each. Every shard is written
+under a temporary name and renamed when complete, with fixed tar metadata (mtime 0, fixed owner), so the same
+samples give byte-identical shards and a crash never leaves a half-written shard in place.
+
+Reading: :func:`iter_samples` yields plain dicts (``__key__``, ``__url__`` and the raw bytes of each part); any
+error while reading is re-raised as :class:`ShardError` naming the shard.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from pickstyle.errors import PickstyleError
+from pickstyle.files import atomic_path
+
+
+class ShardError(PickstyleError):
+    """A shard could not be read; the message starts with the shard's path."""
+
+
+def check_key(key: str) -> str:
+    """WebDataset splits a member name at the first dot: keys must not contain one (nor a slash)."""
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"invalid sample key {key!r}: keys must be non-empty, without '.' or '/'")
+    return key
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "pickstyle"
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardSink:
+    """Write samples (``{"__key__": str, "<ext>": bytes, ...}``) into numbered shards, atomically.
+
+    Args:
+        out_dir: Folder of the shards (created).
+        prefix: Shard name prefix, e.g. ``pairs`` -> ``pairs-000000.tar``.
+        shard_size: Samples per shard.
+
+    Use as a context manager; :attr:`paths` lists the shards written.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str, shard_size: int = 64) -> None:
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.shard_size = shard_size
+        self.paths: list[Path] = []
+        self.count = 0
+        self._buffer: list[dict[str, Any]] = []
+
+    def __enter__(self) -> ShardSink:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write(self, sample: dict[str, Any]) -> None:
+        check_key(sample["__key__"])
+        self._buffer.append(sample)
+        self.count += 1
+        if len(self._buffer) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+        with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in self._buffer:
+                key = sample["__key__"]
+                for ext in sorted(k for k in sample if not k.startswith("__")):
+                    data = sample[ext]
+                    if isinstance(data, str):
+                        data = data.encode("utf-8")
+                    _tar_member(tar, f"{key}.{ext}", bytes(data))
+        self.paths.append(final)
+        self._buffer = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._flush()
+
+
+def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str, shard_size: int = 64) -> list[Path]:
+    """Write all ``samples`` as shards; returns the shard paths."""
+    with ShardSink(out_dir, prefix, shard_size) as sink:
+        for s in samples:
+            sink.write(s)
+    return sink.paths
+
+
+def list_shards(folder: str | Path, prefix: str) -> list[Path]:
+    """The ``<prefix>-*.tar`` shards of ``folder``, sorted; a clear error when there are none."""
+    folder = Path(folder)
+    shards = sorted(folder.glob(f"{prefix}-*.tar"))
+    if not shards:
+        raise ShardError(f"{folder}: no {prefix}-*.tar shards (run the stage that writes them first)")
+    return shards
+
+
+def remove_shards(folder: str | Path, prefix: str) -> None:
+    """Delete old ``<prefix>-*.tar`` shards (before a stage rewrites its folder)."""
+    for p in Path(folder).glob(f"{prefix}-*.tar"):
+        os.remove(p)
+
+
+def iter_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Yield every sample of ``shards`` in order, as raw bytes; errors name the shard."""
+    for shard in shards:
+        shard = str(shard)
+        try:
+            with tarfile.open(shard, "r") as tar:
+                pass
+        except (OSError, tarfile.TarError) as err:
+            raise ShardError(f"{shard}: not a readable tar shard ({err})") from None
+        try:
+            ds = wds.WebDataset(shard, shardshuffle=False, empty_check=False)
+            yield from ds
+        except ShardError:
+            raise
+        except Exception as err:  # webdataset surfaces tar/IO errors as many types
+            raise ShardError(f"{shard}: {type(err).__name__}: {err}") from err

@@ -1,0 +1,1 @@
+"""Model: backbone components, context-style adapters, guidance, the CS-CFG pipeline, the step cache."""

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pickstyle.config import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.profile == "tiny"
+    assert params.active.backbone == "tiny"
+    assert (params.active.frames - 1) % 4 == 0
+    assert params.active.height % 16 == 0 and params.active.width % 16 == 0
+
+
+def test_shipped_params_are_complete():
+    """params.yaml spells out every section, so what DVC tracks is what runs."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    defaults = parse_params({}).model_dump(mode="json")
+    assert set(data) == set(defaults)
+
+
+@pytest.mark.parametrize(
+    ("tree", "needle"),
+    [
+        ({"train": {"stpes": 3}}, "train.stpes: unknown key"),
+        ({"pairs": {"per_style": 4, "colour": 1}}, "pairs.colour: unknown key"),
+        ({"tpyo": 1}, "tpyo: unknown key"),
+        ({"model": {"tiny": {"layers": 2}}}, "model.tiny.layers: unknown key"),
+    ],
+)
+def test_typo_fails_with_its_name(tree, needle):
+    with pytest.raises(ParamsError, match=needle.replace(".", r"\.")):
+        parse_params(tree)
+
+
+def test_frames_and_sizes_validated_with_field_name():
+    with pytest.raises(ParamsError, match=r"profiles\.tiny\.frames: .*4n\+1"):
+        parse_params({"profiles": {"tiny": {"backbone": "tiny", "frames": 10, "height": 64, "width": 64}}})
+    with pytest.raises(ParamsError, match=r"profiles\.tiny\.width: .*multiple of 16"):
+        parse_params({"profiles": {"tiny": {"backbone": "tiny", "frames": 9, "height": 64, "width": 70}}})
+
+
+def test_unknown_profile():
+    with pytest.raises(ParamsError, match="profile 'nope' is not one of"):
+        parse_params({"profile": "nope"})
+
+
+def test_overrides_and_lora_defaults(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("profile: tiny\ntrain:\n  steps: 7\n")
+    params = load_params(p, {"train.lr": 0.1, "profile": "wan-1.3b"})
+    assert params.train.steps == 7 and params.train.lr == 0.1
+    assert params.lora_rank == 128 and params.lora_alpha == 128
+    assert load_params(p).lora_rank == 8
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(p)
