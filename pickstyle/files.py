@@ -46,6 +46,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
     try:
         yield tmp_path
         os.replace(tmp_path, final)

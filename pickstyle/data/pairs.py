@@ -1,0 +1,662 @@
+"""Stage ``pairs``: (source image, style image, caption) pairs, validated and written as WebDataset shards.
+
+Sources (``params.pairs.source``):
+
+- ``builtin`` (the embedded default): real photos shipped inside scikit-image's data folder, each with a
+  hand-written description, x the procedural styles of :mod:`pickstyle.data.styles`. Every pair is a seeded
+  random crop/scale/flip of a photo (one albumentations draw) and the style applied to that crop, so the
+  style image is an exact function of the source.
+- ``omniconsistency``: ``<root>/<style>/src/*.png``, ``<style>/tar/*.png``, ``<style>/caption/*.txt`` (by stem).
+- ``pickstyle_v1``: ``<root>/unity/*.png`` sources, ``<root>/<style>/*.png`` styled (same names), and
+  ``<root>/caption.json`` keyed by file name (value: a description, or ``{style: caption}``).
+- ``manifest``: ``root`` is a CSV or JSONL file with ``src``, ``style`` (the style image), ``caption`` and an
+  optional ``style_name``; relative paths resolve against the manifest's folder.
+
+Every image is fully decoded and converted to 8-bit RGB (alpha composited on white, grey/palette/16-bit
+converted). A bad pair (unreadable or truncated image, missing partner, missing/empty/non-UTF-8 caption, size
+mismatch under ``on_size_mismatch: reject``) is skipped and listed in ``rejected.jsonl``; the stage fails only
+when no valid pair remains. Output: ``<paths.data>/pairs/pairs-%06d.tar`` (``src.png``, ``style.png``, ``json``)
+plus ``manifest.json``; PNGs are encoded with fixed settings, so the same params give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from pickstyle.config import Pairs, Params
+from pickstyle.data.shards import ShardError, ShardSink, iter_samples, list_shards, remove_shards
+from pickstyle.data.styles import STYLES, apply_style, style_caption_name
+from pickstyle.errors import PickstyleError
+from pickstyle.files import atomic_path, write_json
+
+PREFIX = "pairs"
+#: Smallest accepted image side: the styles' windows and the later video crops need a few pixels to work on.
+MIN_SIDE = 16
+#: zlib level of every PNG: fixed, with no metadata chunks, so encoding is byte-deterministic.
+PNG_COMPRESS_LEVEL = 6
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class PairsError(PickstyleError):
+    """The pairs stage cannot produce any pair (bad config, unreadable layout, or every pair rejected)."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A built-in photo: scikit-image loader name and a one-line description for the caption."""
+
+    id: str
+    loader: str
+    description: str
+
+
+#: Real photos whose files ship inside the scikit-image wheel (they load offline, no pooch download).
+BUILTIN_PHOTOS: tuple[Photo, ...] = (
+    Photo(
+        "astronaut",
+        "astronaut",
+        "A smiling astronaut in an orange spacesuit in front of a flag and a model shuttle.",
+    ),
+    Photo("coffee", "coffee", "A cup of espresso with crema on a red saucer on a wooden table."),
+    Photo("chelsea", "chelsea", "A close-up of a tabby cat's face with green eyes and white whiskers."),
+    Photo("rocket", "rocket", "A rocket on its launch pad between two towers under a deep blue evening sky."),
+    Photo("motorcycle", "stereo_motorcycle", "A red motorcycle parked in a cluttered garage full of boxes."),
+    Photo(
+        "hubble", "hubble_deep_field", "Countless distant galaxies scattered across the black of deep space."
+    ),
+    Photo("camera", "camera", "A man in a dark coat filming with a camera on a tripod in a grassy field."),
+    Photo("coins", "coins", "Rows of old silver coins laid out on a dark cloth."),
+)
+
+
+# ----------------------------------------------------------------------------------------------- rejections
+
+
+class _Reject(Exception):
+    """One pair is invalid; ``reason`` is a short fixed phrase (grouped in the summary), ``detail`` the rest."""
+
+    def __init__(self, file: str | Path, reason: str, detail: str | None = None, style: str | None = None):
+        super().__init__(reason)
+        self.file, self.reason, self.detail, self.style = str(file), reason, detail, style
+
+    def record(self) -> dict[str, Any]:
+        reason = f"{self.reason}: {self.detail}" if self.detail else self.reason
+        return {"file": self.file, "reason": reason, "style": self.style}
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> ``uint8 [h, w, 3]`` RGB: alpha on white, 16-bit scaled to 8 bit, grey/palette to RGB."""
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        # 16-bit (and 32-bit integer holding 16-bit data) -> 8 bit by /257 (65535 -> 255); float assumed 0..1 or 0..255.
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0
+        elif mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        grey = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Fully decode an image file to ``uint8 [h, w, 3]`` RGB (EXIF orientation applied).
+
+    Raises:
+        _Reject: missing, not an image, truncated/corrupt, or smaller than :data:`MIN_SIDE`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _Reject(path, "missing file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode everything now: truncation shows up here, not later in a worker
+            rgb = _to_rgb8(ImageOps.exif_transpose(img))
+    except UnidentifiedImageError:
+        raise _Reject(path, "not an image", "Pillow cannot identify the format") from None
+    except Image.DecompressionBombError as err:
+        raise _Reject(path, "image too large", str(err)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as err:
+        raise _Reject(path, "unreadable or truncated image", f"{type(err).__name__}: {err}") from None
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise _Reject(path, "image too small", f"{w}x{h}, need >= {MIN_SIDE} px per side")
+    return np.ascontiguousarray(rgb)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
+    )
+    return buf.getvalue()
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+
+
+@dataclass
+class _Pair:
+    """A validated pair, before encoding."""
+
+    key: str
+    style: str  # style id (``anime``, ``3d_chibi``)
+    style_name: str  # as written in captions (``Anime``, ``3D Chibi``)
+    caption: str
+    source_id: str
+    src: np.ndarray  # [h, w, 3] uint8
+    style_img: np.ndarray  # [h, w, 3] uint8, same size as src
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    """A WebDataset-safe key part: letters, digits, ``_`` and ``-`` only (no dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def _style_display_name(folder: str) -> str:
+    """Folder name -> caption name: ``3D_Chibi`` -> ``3D Chibi``, ``anime`` -> ``Anime`` (built-ins as named)."""
+    if folder in STYLES:
+        return style_caption_name(folder)
+    name = " ".join(re.split(r"[_\-\s]+", folder.strip()))
+    return name[:1].upper() + name[1:] if name.islower() else name
+
+
+def _styled_caption(style_name: str, text: str) -> str:
+    """Paper format ``"<style> style. <description>"``; a caption that already names its style is kept."""
+    text = " ".join(text.split())
+    if text.lower().startswith(f"{style_name.lower()} style"):
+        return text
+    return f"{style_name} style. {text}"
+
+
+def _read_caption_file(path: Path, style: str) -> str:
+    if not path.is_file():
+        raise _Reject(path, "missing caption", style=style)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _Reject(path, "caption is not UTF-8", f"invalid byte at {err.start}", style=style) from None
+    except OSError as err:
+        raise _Reject(path, "unreadable caption", str(err), style=style) from None
+    if not text.strip():
+        raise _Reject(path, "empty caption", style=style)
+    return text
+
+
+def _inline_caption(value: Any, where: str, style: str) -> str:
+    """A caption given in a manifest row or ``caption.json`` entry."""
+    if value is None:
+        raise _Reject(where, "missing caption", style=style)
+    if not isinstance(value, str) or not value.strip():
+        raise _Reject(where, "empty caption", style=style)
+    return value
+
+
+def _match_sizes(
+    src: np.ndarray, style_img: np.ndarray, cfg: Pairs, style_path: Path, style: str
+) -> np.ndarray:
+    if src.shape == style_img.shape:
+        return style_img
+    (h, w), (sh, sw) = src.shape[:2], style_img.shape[:2]
+    if cfg.on_size_mismatch == "reject":
+        raise _Reject(style_path, "size mismatch", f"style {sw}x{sh} vs source {w}x{h}", style=style)
+    # Pillow's Lanczos: deterministic and good both ways (down- and up-scaling).
+    return np.asarray(Image.fromarray(style_img).resize((w, h), Image.Resampling.LANCZOS))
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class _Candidate:
+    """One imported pair before validation: where its files should be, and how to read its caption."""
+
+    kind: str  # the importer (``pairs.source``)
+    base: Path  # paths in the metadata are relative to it
+    style: str  # style id, a key-safe slug of the style folder / name
+    style_name: str  # as captions write it
+    source_id: str
+    src: Path  # may not exist: a missing partner is a rejection, not a crash
+    style_path: Path
+    caption: Callable[[], str]  # returns the text or raises _Reject
+
+
+def _load_candidate(cfg: Pairs, c: _Candidate) -> _Pair:
+    """Validate one imported pair (partner, caption, both images, sizes); raises :class:`_Reject`."""
+    if not c.src.is_file() or not c.style_path.is_file():
+        # Name the file that exists (the user looks for it) and the partner it lacks.
+        present, absent, what = (
+            (c.style_path, c.src, "source") if not c.src.is_file() else (c.src, c.style_path, "style")
+        )
+        raise _Reject(present, "missing partner", f"no {what} image {_rel(absent, c.base)}", style=c.style)
+    text = c.caption()
+    try:
+        src_rgb, style_rgb = load_image(c.src), load_image(c.style_path)
+    except _Reject as rej:
+        rej.style = c.style
+        raise
+    style_hw = list(style_rgb.shape[:2])
+    return _Pair(
+        key=f"{c.style}_{_slug(c.source_id)}",
+        style=c.style,
+        style_name=c.style_name,
+        caption=_styled_caption(c.style_name, text),
+        source_id=c.source_id,
+        src=src_rgb,
+        style_img=_match_sizes(src_rgb, style_rgb, cfg, c.style_path, c.style),
+        extra={
+            "source_kind": c.kind,
+            "src_original_hw": list(src_rgb.shape[:2]),
+            "style_original_hw": style_hw,
+            "src_file": _rel(c.src, c.base),
+            "style_file": _rel(c.style_path, c.base),
+        },
+    )
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def _require_root(cfg: Pairs, want_dir: bool) -> Path:
+    if not cfg.root:
+        raise PairsError(f"pairs.root must be set for pairs.source={cfg.source}")
+    root = Path(cfg.root)
+    if want_dir and not root.is_dir():
+        raise PairsError(f"pairs.root {root}: not a folder (pairs.source={cfg.source})")
+    if not want_dir and not root.is_file():
+        raise PairsError(f"pairs.root {root}: no such manifest file (pairs.source={cfg.source})")
+    return root
+
+
+def _omniconsistency(cfg: Pairs) -> list[_Candidate | _Reject]:
+    root = _require_root(cfg, want_dir=True)
+    style_dirs = [d for d in sorted(root.iterdir()) if (d / "src").is_dir() or (d / "tar").is_dir()]
+    if not style_dirs:
+        raise PairsError(f"{root}: no <style>/src and <style>/tar folders (OmniConsistency layout)")
+    found: list[_Candidate | _Reject] = []
+    for d in style_dirs:
+        srcs, tars = _images_by_stem(d / "src"), _images_by_stem(d / "tar")
+        style = _slug(d.name).lower()
+        for stem in sorted(set(srcs) | set(tars)):
+            src, tar = srcs.get(stem, d / "src" / f"{stem}.png"), tars.get(stem, d / "tar" / f"{stem}.png")
+            cap = functools.partial(_read_caption_file, d / "caption" / f"{stem}.txt", style)
+            found.append(
+                _Candidate(cfg.source, root, style, _style_display_name(d.name), stem, src, tar, cap)
+            )
+    return found
+
+
+def _pickstyle_v1_captions(path: Path) -> dict[str, Any] | _Reject:
+    """``caption.json`` as a mapping, or why every caption lookup fails."""
+    if not path.is_file():
+        return _Reject(path, "missing caption", "caption.json not found")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        return _Reject(path, "caption is not UTF-8", f"caption.json: invalid byte at {err.start}")
+    except json.JSONDecodeError as err:
+        return _Reject(path, "unreadable caption", f"caption.json: invalid JSON ({err})")
+    if not isinstance(data, dict):
+        return _Reject(path, "unreadable caption", "caption.json must map file names to captions")
+    return data
+
+
+def _pickstyle_v1_caption(captions: dict[str, Any] | _Reject, src: Path, folder: str, style: str) -> str:
+    if isinstance(captions, _Reject):
+        raise _Reject(captions.file, captions.reason, captions.detail, style=style)
+    value = next((captions[k] for k in (src.name, src.stem) if k in captions), None)
+    if isinstance(value, dict):  # per-style captions: {"anime": "...", "clay": "..."}
+        value = value.get(folder, value.get(style))
+    return _inline_caption(value, str(src), style)
+
+
+def _pickstyle_v1(cfg: Pairs) -> list[_Candidate | _Reject]:
+    root = _require_root(cfg, want_dir=True)
+    if not (root / "unity").is_dir():
+        raise PairsError(f"{root}: no unity/ folder of source images (PickStyle-Dataset v1 layout)")
+    srcs = _images_by_stem(root / "unity")
+    style_dirs = [
+        d for d in sorted(root.iterdir()) if d.is_dir() and d.name != "unity" and _images_by_stem(d)
+    ]
+    if not style_dirs:
+        raise PairsError(f"{root}: no <style>/ folders of images beside unity/ (PickStyle-Dataset v1 layout)")
+    captions = _pickstyle_v1_captions(root / "caption.json")
+    found: list[_Candidate | _Reject] = []
+    for d in style_dirs:
+        styled = _images_by_stem(d)
+        style = _slug(d.name).lower()
+        for stem in sorted(set(srcs) | set(styled)):
+            src, tar = srcs.get(stem, root / "unity" / f"{stem}.png"), styled.get(stem, d / f"{stem}.png")
+            cap = functools.partial(_pickstyle_v1_caption, captions, src, d.name, style)
+            found.append(
+                _Candidate(cfg.source, root, style, _style_display_name(d.name), stem, src, tar, cap)
+            )
+    return found
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Reject]]:
+    """(line number, row or why the row is unreadable) of a CSV or JSONL manifest."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PairsError(f"{path}: manifest is not UTF-8 (invalid byte at {err.start})") from None
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = sorted({"src", "style", "caption"} - set(reader.fieldnames or []))
+        if missing:
+            raise PairsError(
+                f"{path}: manifest lacks column(s) {', '.join(missing)} (need src, style, caption)"
+            )
+        for row in reader:
+            yield reader.line_num, row
+        return
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise PairsError(f"{path}: manifest must be .csv or .jsonl")
+    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as err:
+            row = _Reject(f"{path}:{n}", "unreadable manifest row", f"invalid JSON ({err.msg})")
+        if row is not None:
+            yield (
+                n,
+                row if isinstance(row, dict | _Reject) else _Reject(f"{path}:{n}", "unreadable manifest row"),
+            )
+
+
+def _manifest(cfg: Pairs) -> list[_Candidate | _Reject]:
+    path = _require_root(cfg, want_dir=False)
+    base = path.parent
+    found: list[_Candidate | _Reject] = []
+    for n, row in _manifest_rows(path):
+        if isinstance(row, _Reject):
+            found.append(row)
+        elif not row.get("src") or not row.get("style"):
+            found.append(_Reject(f"{path}:{n}", "missing partner", "the row needs both src and style"))
+        else:
+            src, tar = base / str(row["src"]), base / str(row["style"])  # an absolute path stays absolute
+            name = str(row.get("style_name") or "").strip() or _style_display_name(tar.parent.name)
+            style = _slug(name).lower()
+            cap = functools.partial(_inline_caption, row.get("caption"), f"{path}:{n}", style)
+            found.append(_Candidate(cfg.source, base, style, name, Path(str(row["src"])).stem, src, tar, cap))
+    return found
+
+
+Job = Callable[[], _Pair]
+
+
+def _raise(rej: _Reject) -> _Pair:
+    raise rej
+
+
+def _import_jobs(cfg: Pairs) -> list[Job]:
+    importer = {"omniconsistency": _omniconsistency, "pickstyle_v1": _pickstyle_v1, "manifest": _manifest}
+    return [
+        functools.partial(_raise, c) if isinstance(c, _Reject) else functools.partial(_load_candidate, cfg, c)
+        for c in importer[cfg.source](cfg)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- built-in
+
+
+def _load_photos() -> tuple[list[tuple[Photo, np.ndarray]], list[dict[str, Any]]]:
+    """The built-in photos that load offline as RGB; failures are reported, not fatal."""
+    import skimage.data
+
+    photos, failed = [], []
+    for photo in BUILTIN_PHOTOS:
+        try:
+            img = getattr(skimage.data, photo.loader)()
+            if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
+                img = img[0]
+        except Exception as err:  # a dataset that needs a download (pooch) or is missing from the wheel
+            failed.append(
+                {"file": f"skimage.data.{photo.loader}", "reason": f"photo unavailable: {err}", "style": None}
+            )
+            continue
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        photos.append((photo, np.ascontiguousarray(img[..., :3].astype(np.uint8))))
+    return photos, failed
+
+
+def _sample_seed(seed: int, style: str, index: int) -> int:
+    """Independent seed per (params seed, style, index): one pair never depends on how many others exist."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(style.encode()), index]).generate_state(1)[0])
+
+
+def _builtin_jobs(params: Params) -> tuple[list[Job], list[dict[str, Any]]]:
+    cfg = params.pairs
+    unknown = [s for s in cfg.styles if s not in STYLES]
+    if unknown:
+        raise PairsError(
+            f"pairs.styles: unknown style(s) {', '.join(unknown)}; known styles: {', '.join(sorted(STYLES))}"
+        )
+    if cfg.size < MIN_SIDE:
+        raise PairsError(f"pairs.size must be >= {MIN_SIDE}, got {cfg.size}")
+    photos, failed = _load_photos()
+    if not photos:
+        raise PairsError("no built-in photo could be loaded from scikit-image's data folder")
+    # Random crop (25-100 % of the area, 3:4..4:3), scaled to size x size, mirrored half the time.
+    # INTER_AREA: the crops are downscaled several times and linear interpolation would alias.
+    augment = A.Compose(
+        [
+            A.RandomResizedCrop(
+                size=(cfg.size, cfg.size),
+                scale=(0.25, 1.0),
+                ratio=(0.75, 4 / 3),
+                interpolation=cv2.INTER_AREA,
+                p=1.0,
+            ),
+            A.HorizontalFlip(p=0.5),
+        ],
+        save_applied_params=True,
+        seed=params.seed,
+    )
+
+    def make(style: str, index: int) -> _Pair:
+        photo, img = photos[index % len(photos)]
+        seed = _sample_seed(params.seed, style, index)
+        augment.set_random_seed(seed)
+        out = augment(image=img)
+        applied = dict(out["applied_transforms"])
+        src = np.ascontiguousarray(out["image"])
+        name = style_caption_name(style)
+        return _Pair(
+            key=f"{style}_{photo.id}_{index:04d}",
+            style=style,
+            style_name=name,
+            caption=_styled_caption(name, photo.description),
+            source_id=photo.id,
+            src=src,
+            style_img=apply_style(style, src),
+            extra={
+                "source_kind": "builtin",
+                "src_original_hw": list(src.shape[:2]),
+                "style_original_hw": list(src.shape[:2]),
+                "augment": {
+                    "photo_hw": list(img.shape[:2]),
+                    "crop_xyxy": [int(v) for v in applied["RandomResizedCrop"]["crop_coords"]],
+                    "hflip": "HorizontalFlip" in applied,
+                    "seed": seed,
+                },
+            },
+        )
+
+    jobs = [functools.partial(make, style, i) for style in cfg.styles for i in range(cfg.per_style)]
+    return jobs, failed
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+
+def _sample(pair: _Pair) -> dict[str, Any]:
+    src_png, style_png = encode_png(pair.src), encode_png(pair.style_img)
+    meta = {
+        "style": pair.style,
+        "style_name": pair.style_name,
+        "caption": pair.caption,
+        "source_id": pair.source_id,
+        "hw": list(pair.src.shape[:2]),
+        "src_sha256": hashlib.sha256(src_png).hexdigest(),
+        "style_sha256": hashlib.sha256(style_png).hexdigest(),
+        **pair.extra,
+    }
+    return {
+        "__key__": pair.key,
+        "src.png": src_png,
+        "style.png": style_png,
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False),
+    }
+
+
+def build_pairs(params: Params) -> dict[str, Any]:
+    """Build ``<paths.data>/pairs``: validated pairs as shards, ``rejected.jsonl`` and ``manifest.json``.
+
+    Args:
+        params: The run's params (reads ``seed``, ``paths.data`` and ``pairs``).
+
+    Returns:
+        The summary also written to ``manifest.json`` (counts per style, total, rejected, source, shards),
+        plus ``out_dir``.
+
+    Raises:
+        PairsError: The config or folder layout is unusable, or no valid pair remains.
+    """
+    cfg = params.pairs
+    out_dir = Path(params.paths.data) / PREFIX
+    failed: list[dict[str, Any]] = []
+    # Check the config and list the work before touching the output, so a typo keeps the old shards.
+    if cfg.source == "builtin":
+        jobs, failed = _builtin_jobs(params)
+    else:
+        jobs = _import_jobs(cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_shards(out_dir, PREFIX)
+    for stale in [out_dir / "manifest.json", *out_dir.glob(f".{PREFIX}-*.tmp")]:
+        stale.unlink(missing_ok=True)
+
+    rejected = list(failed)
+    counts: Counter[str] = Counter()
+    names: dict[str, str] = {}
+    keys: set[str] = set()
+    with ShardSink(out_dir, PREFIX, cfg.shard_size) as sink:
+        for job in tqdm(jobs, desc="pairs", unit="pair", mininterval=0.5):
+            try:
+                pair = job()
+            except _Reject as rej:
+                rejected.append(rej.record())
+                continue
+            # Keys must be unique ("a.b.png" and "a_b.png" slug alike): number the later ones.
+            key, n = pair.key, 1
+            while key in keys:
+                n += 1
+                key = f"{pair.key}_{n}"
+            keys.add(key)
+            pair.key = key
+            sink.write(_sample(pair))
+            counts[pair.style] += 1
+            names[pair.style] = pair.style_name
+
+    with atomic_path(out_dir / "rejected.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejected))
+    reasons = Counter(r["reason"].split(":")[0] for r in rejected)
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    if not counts:
+        raise PairsError(
+            f"no valid pair from pairs.source={cfg.source}"
+            + (f" (root {cfg.root})" if cfg.root else "")
+            + f": {len(rejected)} rejected ({why or 'nothing found'}); see {out_dir / 'rejected.jsonl'}"
+        )
+
+    manifest = {
+        "source": cfg.source,
+        "root": cfg.root,
+        "seed": params.seed,
+        "total": sum(counts.values()),
+        "styles": dict(sorted(counts.items())),
+        "style_names": dict(sorted(names.items())),
+        "rejected": len(rejected),
+        "rejected_reasons": dict(sorted(reasons.items())),
+        "shards": [p.name for p in sink.paths],
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    per_style = ", ".join(f"{s} {n}" for s, n in sorted(counts.items()))
+    print(f"pairs: {manifest['total']} pairs ({per_style}) in {len(sink.paths)} shard(s) -> {out_dir}")
+    if rejected:
+        print(f"pairs: {len(rejected)} rejected ({why}); see {out_dir / 'rejected.jsonl'}")
+    return {**manifest, "out_dir": str(out_dir)}
+
+
+def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the pairs of ``pairs_dir`` in shard order.
+
+    Yields:
+        ``{"key": str, "src": uint8 [h, w, 3], "style": uint8 [h, w, 3], "meta": dict}`` (``meta`` = the json part).
+
+    Raises:
+        ShardError: No shards, an unreadable shard, a sample missing a part, or an image whose sha256 differs
+            from its metadata.
+    """
+    for sample in iter_samples(list_shards(pairs_dir, PREFIX)):
+        key, url = sample["__key__"], sample.get("__url__", str(pairs_dir))
+        missing = [p for p in ("src.png", "style.png", "json") if p not in sample]
+        if missing:
+            raise ShardError(f"{url}: sample {key} lacks {', '.join(missing)}")
+        meta = json.loads(sample["json"])
+        for part, field_name in (("src.png", "src_sha256"), ("style.png", "style_sha256")):
+            want = meta.get(field_name)
+            if want and hashlib.sha256(sample[part]).hexdigest() != want:
+                raise ShardError(f"{url}: sample {key}: {part} does not match its sha256 (corrupt shard)")
+        yield {
+            "key": key,
+            "src": _decode_png(sample["src.png"]),
+            "style": _decode_png(sample["style.png"]),
+            "meta": meta,
+        }
