@@ -1,0 +1,303 @@
+"""Context-style adapters: LoRA on the self-attention q/k/v of the VACE context blocks only (PickStyle §3).
+
+A LoRA layer computes ``W0 x + (alpha / r) B A x`` (``B`` starts at zero, so a new adapter leaves the backbone's
+output unchanged). Adapters are saved in diffusers' LoRA format *with* the peft config as metadata: without it
+``load_lora_weights`` would silently reset alpha to r (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pickstyle.errors import PickstyleError
+from pickstyle.files import atomic_dir, write_json
+
+#: peft fullmatches a *string* target: only the VACE context blocks' self-attention q/k/v (a list of suffixes
+#: would also hit the main blocks' ``attn1``).
+CONTEXT_STYLE_TARGETS = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
+#: Weight file written by ``save_lora_weights`` (diffusers' default name).
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: Our own description of the adapter (rank, alpha, targets, provenance), beside the weights.
+INFO_NAME = "pickstyle_adapter.json"
+
+#: Official PickStyle key: ``[module.]vace_blocks.N.self_attn.{q,k,v}.lora_{A,B}[.<adapter>].weight``.
+_OFFICIAL_KEY = re.compile(
+    r"^(?:module\.)?vace_blocks\.(?P<block>\d+)\.self_attn\.(?P<proj>[qkv])\.lora_(?P<ab>[AB])"
+    r"(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
+
+
+class AdapterError(PickstyleError):
+    """An adapter folder or checkpoint is missing, malformed or holds unexpected keys."""
+
+
+def add_context_style_adapter(
+    transformer: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    init: bool | str = True,
+    targets: str = CONTEXT_STYLE_TARGETS,
+    adapter_name: str = "default",
+) -> torch.nn.Module:
+    """Add a trainable context-style LoRA to a ``WanVACETransformer3DModel`` and freeze everything else.
+
+    LoRA parameters are kept in fp32 (the backbone may be bf16): peft casts activations to the LoRA dtype, so
+    updates accumulate in full precision, as the reference trains.
+
+    Args:
+        transformer: The backbone transformer (modified in place).
+        rank: LoRA rank r.
+        alpha: LoRA alpha (scale alpha / r).
+        dropout: LoRA dropout on the adapter input.
+        init: peft ``init_lora_weights`` (True = B zero so the output is unchanged, or ``"gaussian"``, ...).
+        targets: Module-name regex, fullmatched by peft.
+        adapter_name: peft adapter name.
+
+    Returns:
+        ``transformer``.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights=init,
+        target_modules=targets,
+    )
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    hit = [n for n, _ in transformer.named_modules() if re.fullmatch(targets, n)]
+    if not hit:
+        raise AdapterError(f"LoRA targets {targets!r} match no module of {type(transformer).__name__}")
+    for name, param in transformer.named_parameters():
+        is_lora = ".lora_" in name
+        param.requires_grad_(is_lora)
+        if is_lora:
+            param.data = param.data.float()
+    return transformer
+
+
+def lora_parameter_count(transformer: torch.nn.Module) -> int:
+    """Number of LoRA parameters (all adapters) in ``transformer``."""
+    return sum(p.numel() for n, p in transformer.named_parameters() if ".lora_" in n)
+
+
+def _transformer_of(pipeline_or_transformer: Any) -> torch.nn.Module:
+    transformer = getattr(pipeline_or_transformer, "transformer", None)
+    return pipeline_or_transformer if transformer is None else transformer
+
+
+def _single_adapter(transformer: torch.nn.Module, adapter_name: str | None) -> str:
+    names = list(getattr(transformer, "peft_config", {}) or {})
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise AdapterError(f"adapter {adapter_name!r} not found (the transformer has {names})")
+        return adapter_name
+    if len(names) != 1:
+        raise AdapterError(
+            f"expected exactly one adapter on the transformer, found {names}: pass adapter_name"
+        )
+    return names[0]
+
+
+def save_adapter(
+    pipeline_or_transformer: Any,
+    out_dir: str | Path,
+    extra_metadata: dict[str, Any] | None = None,
+    adapter_name: str | None = None,
+) -> Path:
+    """Save the adapter in diffusers' LoRA format with its peft config as metadata (atomically).
+
+    Writes ``pytorch_lora_weights.safetensors`` (keys ``transformer.vace_blocks.N.attn1.to_q.lora_A.weight``,
+    metadata = the ``LoraConfig``, so alpha survives ``load_lora_weights``) and ``pickstyle_adapter.json``
+    (rank, alpha, targets, parameter count and ``extra_metadata``).
+
+    Args:
+        pipeline_or_transformer: A pipeline (its ``.transformer`` is used) or the transformer itself.
+        out_dir: Folder to write (replaced as a whole).
+        extra_metadata: JSON-serialisable provenance (steps, params hash, ...) for ``pickstyle_adapter.json``.
+        adapter_name: Which adapter, when the transformer holds several.
+
+    Returns:
+        ``out_dir``.
+    """
+    from diffusers import WanVACEPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = _transformer_of(pipeline_or_transformer)
+    name = _single_adapter(transformer, adapter_name)
+    config = transformer.peft_config[name]
+    state = get_peft_model_state_dict(transformer, adapter_name=name)
+    # Contiguous CPU copies: safetensors refuses views, and the caller may keep training the live tensors.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    metadata = config.to_dict()
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        WanVACEPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=state,
+            weight_name=WEIGHT_NAME,
+            transformer_lora_adapter_metadata=metadata,
+        )
+        info = {
+            "format": "diffusers-lora",
+            "weight_name": WEIGHT_NAME,
+            "rank": int(config.r),
+            "alpha": float(config.lora_alpha),
+            "targets": config.target_modules
+            if isinstance(config.target_modules, str)
+            else sorted(config.target_modules),
+            "lora_parameters": int(sum(v.numel() for v in state.values())),
+            "tensors": len(state),
+            **(extra_metadata or {}),
+        }
+        write_json(tmp / INFO_NAME, info)
+    return out_dir
+
+
+def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """``pickstyle_adapter.json`` of an adapter folder ({} when absent, e.g. a foreign diffusers LoRA)."""
+    path = Path(adapter_dir) / INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_adapter(
+    pipe: Any, adapter_dir: str | Path, scale: float = 1.0, adapter_name: str = "pickstyle"
+) -> str:
+    """Load a saved adapter into ``pipe.transformer`` and activate it with ``scale``.
+
+    Re-loading under the same name replaces the earlier adapter.
+
+    Returns:
+        The adapter name.
+    """
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / WEIGHT_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{adapter_dir}: not an adapter folder (missing {WEIGHT_NAME})")
+    if adapter_name in (getattr(pipe.transformer, "peft_config", None) or {}):
+        pipe.delete_adapters(adapter_name)
+    pipe.load_lora_weights(str(adapter_dir), weight_name=WEIGHT_NAME, adapter_name=adapter_name)
+    pipe.set_adapters([adapter_name], [scale])
+    return adapter_name
+
+
+def convert_official_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Rename official PickStyle LoRA keys to diffusers' naming; returns (state dict, rank).
+
+    ``[module.]vace_blocks.N.self_attn.q.lora_A.<adapter>.weight`` ->
+    ``vace_blocks.N.attn1.to_q.lora_A.weight`` (``save_lora_weights`` then prefixes ``transformer.``).
+    Any other key is an error naming it.
+    """
+    unknown = sorted(k for k in state if not _OFFICIAL_KEY.match(k))
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f" ... (+{len(unknown) - 20} more)" if len(unknown) > 20 else "")
+        raise AdapterError(
+            f"{len(unknown)} unknown key(s) in the checkpoint (not context-style LoRA): {shown}"
+        )
+    if not state:
+        raise AdapterError("the checkpoint holds no tensors")
+    out: dict[str, torch.Tensor] = {}
+    adapters = set()
+    for key, tensor in state.items():
+        m = _OFFICIAL_KEY.match(key)
+        adapters.add(m["adapter"])
+        # No "transformer." prefix: save_lora_weights adds it (as for get_peft_model_state_dict's keys).
+        new = f"vace_blocks.{int(m['block'])}.attn1.to_{m['proj']}.lora_{m['ab']}.weight"
+        if new in out:
+            raise AdapterError(f"key {key} duplicates another key of the same module ({new})")
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2:
+            raise AdapterError(f"key {key}: expected a 2-D tensor")
+        out[new] = tensor.contiguous()
+    if len(adapters) > 1:
+        raise AdapterError(
+            f"the checkpoint mixes several adapters: {sorted(a or '<none>' for a in adapters)}"
+        )
+    ranks = {v.shape[0] for k, v in out.items() if ".lora_A." in k} | {
+        v.shape[1] for k, v in out.items() if ".lora_B." in k
+    }
+    if len(ranks) != 1:
+        raise AdapterError(f"inconsistent LoRA ranks in the checkpoint: {sorted(ranks)}")
+    modules = {k.rsplit(".lora_", 1)[0] for k in out}
+    half = [m for m in sorted(modules) if f"{m}.lora_A.weight" not in out or f"{m}.lora_B.weight" not in out]
+    if half:
+        raise AdapterError(f"modules with only one of lora_A/lora_B: {', '.join(half)}")
+    return out, ranks.pop()
+
+
+def import_official_adapter(
+    pth: str | Path, out_dir: str | Path, alpha: float | None = None
+) -> dict[str, Any]:
+    """Convert an official PickStyle ``.pth`` checkpoint into a diffusers LoRA folder with metadata.
+
+    Args:
+        pth: The checkpoint (a state dict, optionally wrapped as ``{"state_dict": ...}``); loaded with
+            ``weights_only=True`` so a malicious pickle cannot run code.
+        out_dir: Folder to write (as :func:`save_adapter`).
+        alpha: LoRA alpha; ``None`` = the rank (the reference trains with alpha = r).
+
+    Returns:
+        A summary: out_dir, rank, alpha, modules, blocks, lora_parameters.
+    """
+    from diffusers import WanVACEPipeline
+    from peft import LoraConfig
+
+    pth = Path(pth)
+    if not pth.is_file():
+        raise AdapterError(f"{pth}: no such checkpoint")
+    try:
+        obj = torch.load(pth, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise AdapterError(f"{pth}: not a loadable torch checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise AdapterError(f"{pth}: expected a state dict, got {type(obj).__name__}")
+    try:
+        state, rank = convert_official_state_dict(obj)
+    except AdapterError as err:
+        raise AdapterError(f"{pth}: {err}") from None
+    alpha = float(rank if alpha is None else alpha)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=CONTEXT_STYLE_TARGETS, init_lora_weights=True
+    )
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    blocks = sorted({int(k.split(".")[1]) for k in state})
+    out_dir = Path(out_dir)
+    n_params = int(sum(v.numel() for v in state.values()))
+    with atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        WanVACEPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=state,
+            weight_name=WEIGHT_NAME,
+            transformer_lora_adapter_metadata=config.to_dict(),
+        )
+        write_json(
+            tmp / INFO_NAME,
+            {
+                "format": "diffusers-lora",
+                "weight_name": WEIGHT_NAME,
+                "rank": rank,
+                "alpha": alpha,
+                "targets": CONTEXT_STYLE_TARGETS,
+                "lora_parameters": n_params,
+                "tensors": len(state),
+                "imported_from": str(pth.resolve()),
+            },
+        )
+    return {
+        "out_dir": str(out_dir),
+        "rank": rank,
+        "alpha": alpha,
+        "modules": len(modules),
+        "blocks": blocks,
+        "lora_parameters": n_params,
+    }

@@ -1,0 +1,461 @@
+"""The frozen backbone: a tiny Wan2.1-VACE built offline, or a local diffusers-format Wan2.1-VACE folder.
+
+Every later stage loads the backbone the same way (:func:`load_pipeline` on a diffusers folder), so the tiny
+profile exercises exactly the code path of the real 1.3B/14B weights. The tiny folder is built once from small
+configs with a fixed seed (:func:`build_tiny_backbone`): transformer, VAE (z_dim 16, 8x spatial / 4x temporal
+compression like the real one), UMT5 encoder, an in-process tokenizer and Wan's flow-matching UniPC scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pickstyle.config import Params, TinyBackbone
+from pickstyle.errors import PickstyleError
+from pickstyle.files import atomic_dir, resolve_device, write_json
+
+#: Bump when the tiny builder changes the weights it makes (part of the cache key in ``pickstyle_backbone.json``).
+TINY_BUILDER_VERSION = 1
+#: The tiny backbone is "pretrained weights": its seed is fixed, not ``params.seed`` (a training knob).
+TINY_SEED = 0
+#: Marker written next to (tiny) or for (real) the backbone; DVC tracks it.
+MARKER = "pickstyle_backbone.json"
+#: Wan's text length at inference (``WanVACEPipeline.__call__`` default; the original code's ``text_len``).
+REAL_TEXT_TOKENS = 512
+
+#: Files a diffusers-format Wan2.1-VACE folder must hold. Weight files may be single or sharded (index json).
+_REQUIRED_CONFIGS = [
+    "model_index.json",
+    "transformer/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+]
+_WEIGHT_DIRS = {
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+
+#: Whole-word tokens of the tiny tokenizer (anything else falls back to byte-level pieces, never to <unk>).
+_WORDS = """
+a an the and or of in on at to with from by for as is are was be this that it its into over under near
+style reconstruct real video clip photo image picture scene frame camera motion moving static slow fast
+anime sketch sepia pixel watercolor cartoon pixar clay lego origami vector chibi 3d rick morty macaron
+oil painting comic ink pencil pastel neon noir vintage retro flat cel shaded render drawing
+man woman person people child boy girl dog cat bird horse wolf animal animals face hand hands eye eyes
+tree trees forest grass flower flowers field mountain mountains hill river lake sea ocean beach sky cloud
+clouds sun moon night day light dark shadow snow rain fog water rock rocks stone sand road street city
+building buildings house room wall window door car bus train boat bike table chair cup food fruit
+red green blue yellow orange purple pink black white gray grey brown gold silver colorful bright
+big small large tiny old young new long short tall round soft hard smooth rough wet dry warm cold
+walking running standing sitting looking flying swimming jumping dancing playing holding wearing
+left right up down zoom slide rotate pan tilt close view background foreground top bottom middle
+astronaut coffee rocket moon cells microscope coins chelsea camera hubble text
+""".split()
+
+
+class BackboneError(PickstyleError):
+    """The backbone folder is missing or incomplete; the message lists every missing file."""
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_tokenizer(max_text_tokens: int = 32):
+    """A T5-like tokenizer made in-process: whole words from a fixed list, byte-level pieces for the rest.
+
+    Unigram over the 256 byte-level symbols plus ``_WORDS``: any string (Chinese included) tokenizes without
+    ``<unk>``, known words become one token, and ``</s>`` ends every sequence like T5/UMT5.
+
+    Returns:
+        A ``transformers`` fast tokenizer with ``<pad>`` (id 0), ``</s>`` (id 1) and ``<unk>`` (id 2).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab: list[tuple[str, float]] = [(s, 0.0) for s in specials]
+    vocab += [(c, -10.0) for c in sorted(pre_tokenizers.ByteLevel.alphabet())]
+    seen = {v for v, _ in vocab}
+    for word in dict.fromkeys(_WORDS):  # ordered de-dup keeps ids stable
+        piece = "\u0120" + word  # ByteLevel marks a leading space with "Ġ"
+        if piece not in seen:
+            vocab.append((piece, -2.0))
+            seen.add(piece)
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_text_tokens,
+        padding_side="right",
+    )
+
+
+def tiny_transformer_config(tiny: TinyBackbone) -> dict[str, Any]:
+    """``WanVACETransformer3DModel`` kwargs of the tiny profile (the real ones: :func:`real_config`)."""
+    return {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": tiny.num_attention_heads,
+        "attention_head_dim": tiny.attention_head_dim,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": tiny.text_dim,
+        "freq_dim": tiny.freq_dim,
+        "ffn_dim": tiny.ffn_dim,
+        "num_layers": tiny.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+        "vace_layers": list(tiny.vace_layers),
+        "vace_in_channels": 96,
+    }
+
+
+def real_config(name: str) -> dict[str, Any]:
+    """The transformer config of Wan2.1-VACE 1.3B or 14B (DESIGN §2), for random-init benchmarks.
+
+    Args:
+        name: ``wan-1.3b`` or ``wan-14b``.
+    """
+    common = {
+        "patch_size": (1, 2, 2),
+        "attention_head_dim": 128,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 4096,
+        "freq_dim": 256,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+        "vace_in_channels": 96,
+    }
+    if name == "wan-1.3b":
+        return {
+            **common,
+            "num_attention_heads": 12,
+            "ffn_dim": 8960,
+            "num_layers": 30,
+            "vace_layers": list(range(0, 30, 2)),
+        }
+    if name == "wan-14b":
+        return {
+            **common,
+            "num_attention_heads": 40,
+            "ffn_dim": 13824,
+            "num_layers": 40,
+            "vace_layers": list(range(0, 40, 5)),
+        }
+    raise ValueError(f"unknown backbone {name!r}: expected wan-1.3b or wan-14b")
+
+
+def _scheduler():
+    """Wan2.1's scheduler config (UniPC in flow-matching mode; the sampler may swap it at inference)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+    )
+
+
+def _calibrate_vae(vae) -> None:
+    """Set the random VAE's ``latents_mean``/``latents_std`` (16 entries each) to its own latent statistics.
+
+    Wan's published statistics belong to the trained VAE; a random one has latents of std ~0.1 around 0, which
+    those statistics would squash into near-constant targets. Calibrating on a fixed synthetic video (smooth
+    random fields plus fine noise, in [-1, 1]) gives unit-scale normalised latents, as the real VAE does.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    coarse = torch.rand(2, 3, 3, 4, 6, generator=gen) * 2 - 1  # [b, c, f, h, w]
+    video = torch.nn.functional.interpolate(coarse, size=(9, 64, 96), mode="trilinear", align_corners=True)
+    video = (0.8 * video + 0.2 * (torch.rand(video.shape, generator=gen) * 2 - 1)).clamp(-1, 1)
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.mode()  # [b, 16, f', h', w']
+    mean = [round(float(v), 5) for v in z.mean(dim=(0, 2, 3, 4))]
+    std = [round(float(v), 5) for v in z.std(dim=(0, 2, 3, 4))]
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+
+
+def build_tiny_backbone(
+    out_dir: str | Path, tiny: TinyBackbone, seed: int = TINY_SEED, marker: dict[str, Any] | None = None
+) -> Path:
+    """Build the tiny Wan2.1-VACE pipeline from configs and save it as a diffusers folder (atomically).
+
+    The same ``tiny`` sizes and ``seed`` give identical weights (each component draws from its own seed).
+
+    Args:
+        out_dir: Folder to write (replaced as a whole when the build succeeds).
+        tiny: Sizes (``params.model.tiny``).
+        seed: Seed of the random initialisation.
+        marker: Written as ``pickstyle_backbone.json`` inside the folder, so folder and marker appear together.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(tiny.max_text_tokens)
+    with _seeded(seed):
+        transformer = WanVACETransformer3DModel(**tiny_transformer_config(tiny))
+    with _seeded(seed + 1):
+        # dim_mult of length 4 = three 2x spatial downsamples (8x); two temporal ones (4x), as the real VAE.
+        vae = AutoencoderKLWan(
+            base_dim=tiny.vae_base_dim,
+            z_dim=16,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+        _calibrate_vae(vae)
+    with _seeded(seed + 2):
+        text_config = UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=tiny.text_dim,
+            d_kv=tiny.text_dim // tiny.text_heads,
+            d_ff=tiny.text_ffn_dim,
+            num_layers=tiny.text_layers,
+            num_heads=tiny.text_heads,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            tie_word_embeddings=False,
+        )
+        text_encoder = UMT5EncoderModel(text_config).eval()
+    pipe = WanVACEPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_scheduler(),
+        transformer=transformer,
+    )
+    with atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; the folder is shared like any model folder
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if marker is not None:
+            write_json(tmp / MARKER, marker)
+    return out_dir
+
+
+def backbone_path(params: Params) -> Path:
+    """Where the backbone's diffusers folder is: ``<models>/backbone`` (tiny) or ``model.path`` (real)."""
+    if params.active.backbone == "tiny":
+        return Path(params.paths.models) / "backbone"
+    if not params.model.path:
+        raise BackboneError(
+            f"profile {params.profile!r} needs a local diffusers-format Wan2.1-VACE folder: set model.path "
+            "(e.g. -S model.path=/models/Wan2.1-VACE-1.3B-diffusers)"
+        )
+    return Path(params.model.path)
+
+
+def _weight_present(folder: Path, stem: str) -> bool:
+    return any(
+        (folder / f"{stem}{suffix}").is_file()
+        for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+    )
+
+
+def missing_files(path: str | Path) -> list[str]:
+    """The files a diffusers-format Wan2.1-VACE folder lacks (relative names; empty when complete)."""
+    path = Path(path)
+    missing = [name for name in _REQUIRED_CONFIGS if not (path / name).is_file()]
+    for sub, stem in _WEIGHT_DIRS.items():
+        if not _weight_present(path / sub, stem):
+            missing.append(f"{sub}/{stem}.safetensors")
+        index = path / sub / f"{stem}.safetensors.index.json"
+        if index.is_file():  # a sharded checkpoint: every shard it names must exist
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError):
+                missing.append(f"{sub}/{index.name} (unreadable)")
+                shards = []
+            missing += [f"{sub}/{s}" for s in shards if not (path / sub / s).is_file()]
+    tok = path / "tokenizer"
+    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
+        missing.append("tokenizer/tokenizer.json (or spiece.model)")
+    if not (tok / "tokenizer_config.json").is_file():
+        missing.append("tokenizer/tokenizer_config.json")
+    return missing
+
+
+def _cheap_hash(path: Path) -> str:
+    """sha256 of the config/tokenizer files' content plus every weight file's name, size and mtime.
+
+    Hashing tens of GB of weights on every ``dvc repro`` would take minutes; size+mtime catches a replaced file.
+    """
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        rel = str(p.relative_to(path))
+        h.update(rel.encode())
+        if p.suffix in (".json", ".txt", ".model"):
+            h.update(p.read_bytes())
+        else:
+            st = p.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _tiny_key(tiny: TinyBackbone, seed: int) -> str:
+    import diffusers
+    import transformers
+
+    payload = {
+        "builder": TINY_BUILDER_VERSION,
+        "seed": seed,
+        "tiny": tiny.model_dump(mode="json"),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(target: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX ``flock``) on ``target``, held for the block.
+
+    The lock file lives in the temp folder (named by the target's absolute path), not beside the DVC output.
+    """
+    import fcntl
+    import tempfile
+
+    digest = hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"pickstyle-{digest}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tiny_is_current(out: Path, key: str) -> bool:
+    marker = out / MARKER
+    if not marker.is_file() or missing_files(out):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("key") == key
+    except ValueError:
+        return False  # unreadable marker: rebuild
+
+
+def ensure_backbone(params: Params) -> Path:
+    """Make the backbone available and return its diffusers folder.
+
+    tiny: build into ``<models>/backbone`` unless an identical build is there (``pickstyle_backbone.json`` holds
+    the key of sizes, seed, builder and library versions). Real profiles: check ``model.path`` is complete
+    (raising :class:`BackboneError` with every missing file) and write ``<models>/backbone/pickstyle_backbone.json``
+    (path + a cheap content hash) so DVC re-runs later stages when the weights change.
+    """
+    if params.active.backbone == "tiny":
+        out = backbone_path(params)
+        key = _tiny_key(params.model.tiny, TINY_SEED)
+        # Several processes (one per GPU under accelerate/torchrun) may call this at once: build under a lock,
+        # and re-check inside it so only the first one builds.
+        with _file_lock(out):
+            if not _tiny_is_current(out, key):
+                marker = {
+                    "kind": "tiny",
+                    "key": key,
+                    "seed": TINY_SEED,
+                    "tiny": params.model.tiny.model_dump(mode="json"),
+                }
+                build_tiny_backbone(out, params.model.tiny, seed=TINY_SEED, marker=marker)
+        return out
+
+    path = backbone_path(params)
+    if not path.is_dir():
+        raise BackboneError(
+            f"{path}: model.path is not a folder (expected a diffusers-format Wan2.1-VACE folder)"
+        )
+    missing = missing_files(path)
+    if missing:
+        raise BackboneError(
+            f"{path}: incomplete diffusers-format Wan2.1-VACE folder; missing: " + ", ".join(missing)
+        )
+    write_json(
+        Path(params.paths.models) / "backbone" / MARKER,
+        {"kind": params.active.backbone, "path": str(path.resolve()), "hash": _cheap_hash(path)},
+    )
+    return path
+
+
+def prompt_length(pipe) -> int:
+    """Tokens every prompt embedding is padded to; training, latents and sampling must agree.
+
+    The tokenizer's ``model_max_length`` (the tiny one: ``max_text_tokens``), capped at Wan's 512 (a real UMT5
+    tokenizer may report a huge "no limit" value). Wan cross-attends over the zero padding too, so a different
+    length changes the model's output.
+    """
+    return min(
+        int(getattr(pipe.tokenizer, "model_max_length", REAL_TEXT_TOKENS) or REAL_TEXT_TOKENS),
+        REAL_TEXT_TOKENS,
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``None``/``"auto"`` -> bf16 on CUDA, fp32 elsewhere; names such as ``"float32"`` -> the torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_pipeline(
+    path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, pipeline_cls=None
+):
+    """Load a diffusers-format Wan2.1-VACE folder (tiny or real) onto ``device``.
+
+    The VAE stays fp32 even when the rest is bf16 (as Wan's diffusers examples do: its decoder is sensitive).
+
+    Args:
+        path: The folder (:func:`backbone_path`).
+        device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
+        dtype: ``None``/``"auto"`` = bf16 on CUDA, fp32 on CPU; or a torch dtype / its name.
+        pipeline_cls: Pipeline class to instantiate (default ``WanVACEPipeline``; the sampler passes its subclass).
+    """
+    from diffusers import AutoencoderKLWan, WanVACEPipeline
+
+    path = Path(path)
+    missing = missing_files(path)
+    if missing:
+        raise BackboneError(
+            f"{path}: incomplete diffusers-format Wan2.1-VACE folder; missing: " + ", ".join(missing)
+        )
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    cls = pipeline_cls or WanVACEPipeline
+    vae = AutoencoderKLWan.from_pretrained(path / "vae", dtype=torch.float32)
+    pipe = cls.from_pretrained(path, vae=vae, dtype=torch_dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

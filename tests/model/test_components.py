@@ -1,0 +1,166 @@
+"""The backbone: tiny build (deterministic, loadable), real-folder checks, tokenizer robustness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pickstyle.config import WAN_NEGATIVE_PROMPT, TinyBackbone, parse_params
+from pickstyle.files import sha256_file, sha256_tree
+from pickstyle.model.components import (
+    MARKER,
+    BackboneError,
+    build_tiny_backbone,
+    build_tokenizer,
+    ensure_backbone,
+    load_pipeline,
+    missing_files,
+    real_config,
+    resolve_dtype,
+)
+
+
+def _weights_hash(folder: Path) -> str:
+    """sha256 of every file but the marker (which ensure_backbone adds beside the build)."""
+    copy = {
+        p.relative_to(folder): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+    return json.dumps({str(k): v for k, v in copy.items()})
+
+
+def test_tiny_build_is_deterministic(tiny_backbone: Path, tmp_path: Path) -> None:
+    again = build_tiny_backbone(tmp_path / "again", TinyBackbone())
+    assert _weights_hash(again) == _weights_hash(tiny_backbone)
+    assert sha256_tree(again) == sha256_tree(build_tiny_backbone(tmp_path / "third", TinyBackbone()))
+    other = build_tiny_backbone(tmp_path / "other", TinyBackbone(), seed=1)
+    assert _weights_hash(other) != _weights_hash(tiny_backbone)
+
+
+def test_tiny_backbone_loads_with_from_pretrained(tiny_backbone: Path) -> None:
+    from diffusers import WanVACEPipeline
+
+    pipe = WanVACEPipeline.from_pretrained(tiny_backbone)
+    assert not missing_files(tiny_backbone)
+    cfg = pipe.transformer.config
+    assert (cfg.num_layers, list(cfg.vace_layers), cfg.in_channels, cfg.vace_in_channels) == (
+        4,
+        [0, 2],
+        16,
+        96,
+    )
+    assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == 16
+    assert (
+        pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.use_flow_sigmas
+    )
+    video = torch.zeros(1, 3, 9, 64, 96)  # [b, c, f, h, w]
+    with torch.no_grad():
+        z = pipe.vae.encode(video).latent_dist.mode()
+    assert tuple(z.shape) == (1, 16, 3, 8, 12)  # 4x temporal (+ first frame), 8x spatial
+
+
+def test_load_pipeline_runs_a_short_sample(tiny_backbone: Path) -> None:
+    pipe = load_pipeline(tiny_backbone)
+    assert pipe.transformer.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    frames = pipe(
+        prompt="anime style. a wolf in the snow",
+        negative_prompt=WAN_NEGATIVE_PROMPT,
+        height=32,
+        width=32,
+        num_frames=5,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+    assert frames.shape == (1, 5, 32, 32, 3)
+    assert torch.isfinite(torch.as_tensor(frames)).all()
+
+
+def test_tokenizer_handles_any_text() -> None:
+    tok = build_tokenizer(32)
+    ids = tok("Anime style. A wolf walking").input_ids
+    assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+    assert len(ids) == 7  # anime style . a wolf walking </s>: known words are single tokens
+    zh = tok(WAN_NEGATIVE_PROMPT, max_length=32, truncation=True, padding="max_length").input_ids
+    assert len(zh) == 32 and tok.unk_token_id not in zh
+    assert tok("anime style").input_ids != tok("sketch style").input_ids
+
+
+def test_ensure_backbone_tiny_builds_once(tmp_path: Path) -> None:
+    params = parse_params(
+        {"paths": {"models": str(tmp_path / "models")}, "model": {"tiny": {"num_layers": 3}}}
+    )
+    out = ensure_backbone(params)
+    assert out == tmp_path / "models" / "backbone" and (out / MARKER).is_file()
+    stamp = (out / "transformer" / "config.json").stat().st_mtime_ns
+    assert ensure_backbone(params) == out
+    assert (out / "transformer" / "config.json").stat().st_mtime_ns == stamp  # not rebuilt
+    params.model.tiny.num_layers = 4  # a different size: rebuilt
+    ensure_backbone(params)
+    assert json.loads((out / "transformer" / "config.json").read_text())["num_layers"] == 4
+
+
+def test_real_profile_lists_every_missing_file(tiny_backbone: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "wan"
+    shutil.copytree(tiny_backbone, folder)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    params = parse_params(
+        {"profile": "wan-1.3b", "paths": {"models": str(tmp_path / "models")}, "model": {"path": str(folder)}}
+    )
+    with pytest.raises(BackboneError) as err:
+        ensure_backbone(params)
+    assert "vae/diffusion_pytorch_model.safetensors" in str(err.value)
+    assert "scheduler/scheduler_config.json" in str(err.value)
+
+    # a sharded checkpoint whose index names a shard that is not there
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "text_encoder" / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(BackboneError, match="text_encoder/model-00002-of-00002.safetensors"):
+        ensure_backbone(params)
+
+    shutil.rmtree(folder)
+    shutil.copytree(tiny_backbone, folder)
+    assert ensure_backbone(params) == folder
+    marker = json.loads((tmp_path / "models" / "backbone" / MARKER).read_text())
+    assert marker["path"] == str(folder.resolve()) and len(marker["hash"]) == 64
+
+    with pytest.raises(BackboneError, match="not a folder"):
+        ensure_backbone(parse_params({"profile": "wan-14b", "model": {"path": str(tmp_path / "nope")}}))
+    with pytest.raises(BackboneError, match="model.path"):
+        ensure_backbone(parse_params({"profile": "wan-14b"}))
+
+
+def test_ensure_backbone_concurrent_calls(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = parse_params(
+        {"paths": {"models": str(tmp_path / "models")}, "model": {"tiny": {"num_layers": 3}}}
+    )
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: ensure_backbone(params), range(2)))
+    assert paths[0] == paths[1] and not missing_files(paths[0]) and (paths[0] / MARKER).is_file()
+
+
+def test_real_configs_match_design() -> None:
+    small, big = real_config("wan-1.3b"), real_config("wan-14b")
+    assert small["num_attention_heads"] * small["attention_head_dim"] == 1536 and small["num_layers"] == 30
+    assert small["vace_layers"] == list(range(0, 29, 2)) and small["ffn_dim"] == 8960
+    assert big["num_attention_heads"] * big["attention_head_dim"] == 5120 and big["vace_layers"][-1] == 35
+    with pytest.raises(ValueError):
+        real_config("wan-7b")
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16

@@ -1,0 +1,119 @@
+"""The ``latents`` stage: shapes, the context's structure, and a shard round trip equal to direct encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pickstyle.config import parse_params
+from pickstyle.data.shards import write_shards
+from pickstyle.data.video import encode_video
+from pickstyle.latents import LatentsError, build_latents, decode_latents, encode_clip, iter_latents
+from pickstyle.model.components import load_pipeline
+
+T, H, W = 9, 64, 96
+
+
+def _clip(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random source clip and an inverted "style" version of it, uint8 [T, H, W, 3]."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(1, 4, 6, 3)).astype(np.float32)
+    frames = np.repeat(np.repeat(base, H // 4, axis=1), W // 6, axis=2)
+    frames = np.concatenate([np.roll(frames, 2 * t, axis=2) for t in range(T)]).astype(np.uint8)
+    return frames, 255 - frames
+
+
+def _write_clips(folder: Path, n: int = 3) -> None:
+    samples = []
+    for i in range(n):
+        src, style = _clip(i)
+        meta = {
+            "caption": f"sepia style. scene {i}",
+            "frames": T,
+            "height": H,
+            "width": W,
+            "fps": 8,
+            "kind": "pair",
+        }
+        samples.append(
+            {
+                "__key__": f"clip{i:04d}",
+                "src.mp4": encode_video(src, 8, crf=0),
+                "style.mp4": encode_video(style, 8, crf=0),
+                "json": json.dumps(meta),
+            }
+        )
+    write_shards(samples, folder, "clips", shard_size=2)
+
+
+def test_encode_clip_shapes_and_context(tiny_backbone: Path) -> None:
+    pipe = load_pipeline(tiny_backbone)
+    src, style = _clip(0)
+    out = encode_clip(pipe, src, style, "sepia style. a scene")
+    f, h, w = (T - 1) // 4 + 1, H // 8, W // 8
+    assert out["target"].shape == (16, f, h, w)
+    assert out["source"].shape == (16, f, h, w)
+    assert out["context"].shape == (96, f, h, w)
+    assert out["prompt_embeds"].shape == (32, 32)  # [max_text_tokens, text_dim]
+    assert torch.equal(out["context"][16:32], out["source"])  # reactive = normalised VAE(video)
+    assert torch.all(out["context"][32:] == 1)  # mask = ones
+    assert not torch.allclose(out["target"], out["source"])  # style differs from source
+    # the inactive half is VAE(zeros): independent of the video
+    other = encode_clip(pipe, *_clip(1), "sepia style. a scene")
+    assert torch.equal(other["context"][:16], out["context"][:16])
+    assert torch.equal(other["prompt_embeds"], out["prompt_embeds"])
+    anime, _ = pipe.encode_prompt(
+        "anime style. a scene", do_classifier_free_guidance=False, max_sequence_length=32
+    )
+    assert not torch.equal(anime[0], out["prompt_embeds"])
+
+
+def test_encode_clip_rejects_bad_geometry(tiny_backbone: Path) -> None:
+    pipe = load_pipeline(tiny_backbone)
+    src, style = _clip(0)
+    with pytest.raises(LatentsError, match="requested"):
+        encode_clip(pipe, src, style, "x", height=32, width=32)
+    with pytest.raises(LatentsError, match="4n\\+1"):
+        encode_clip(pipe, src[:8], style[:8], "x")
+    with pytest.raises(LatentsError, match="differ"):
+        encode_clip(pipe, src, style[:5], "x")
+
+
+def test_build_latents_round_trip(tiny_backbone: Path, tmp_path: Path) -> None:
+    from pickstyle.data.clips import iter_clips
+
+    data = tmp_path / "data"
+    _write_clips(data / "clips", n=3)
+    # models = the fixture's folder: ensure_backbone finds its marker and reuses it
+    params = parse_params(
+        {"paths": {"data": str(data), "models": str(tiny_backbone.parent)}, "latents": {"shard_size": 2}}
+    )
+    summary = build_latents(params)
+    assert summary["clips"] == 3 and summary["shards"] == 2 and summary["backbone"] == str(tiny_backbone)
+    assert summary["shapes"]["context"] == [96, 3, 8, 12]
+
+    stored = list(iter_latents(data / "latents"))
+    assert [s["key"] for s in stored] == ["clip0000", "clip0001", "clip0002"]
+    assert stored[1]["meta"]["caption"] == "sepia style. scene 1" and stored[1]["meta"]["kind"] == "pair"
+
+    # the stored tensors equal a direct encoding of the decoded clips (what on-the-fly training computes)
+    pipe = load_pipeline(Path(summary["backbone"]))
+    for clip, s in zip(iter_clips(data / "clips"), stored, strict=True):
+        direct = encode_clip(pipe, clip["src"], clip["style"], clip["meta"]["caption"])
+        for k, v in direct.items():
+            assert torch.equal(s[k], v), k
+
+    with pytest.raises(LatentsError, match="latents.safetensors"):
+        decode_latents({"__key__": "x", "json": b"{}"})
+
+
+def test_build_latents_without_clips(tmp_path: Path) -> None:
+    from pickstyle.data.shards import ShardError
+
+    params = parse_params({"paths": {"data": str(tmp_path / "data"), "models": str(tmp_path / "models")}})
+    with pytest.raises(ShardError, match="no clips"):
+        build_latents(params)
