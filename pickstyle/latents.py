@@ -65,6 +65,26 @@ def _check_geometry(
         raise LatentsError(f"clip has {t} frames; the VAE needs 4n+1")
 
 
+def _normalised_latents(pipe: Any, videos: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """VAE mode of ``videos`` [b, 3, T, H, W], normalised with the VAE's latents mean/std (fp32) as the pipeline."""
+    from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
+
+    z_dim = pipe.vae.config.z_dim
+    mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std, device=device, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+    z = retrieve_latents(pipe.vae.encode(videos.to(pipe.vae.dtype)), None, sample_mode="argmax")
+    return (z.float() - mean) * (1.0 / std)
+
+
+def _zeros_latent(pipe: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Normalised VAE(zeros) of a video ``shape``: the context's inactive half, the same for every clip."""
+    cache = pipe.__dict__.setdefault("_pickstyle_zeros_latent", {})
+    key = (shape, str(device), str(pipe.vae.dtype))
+    if key not in cache:
+        cache[key] = _normalised_latents(pipe, torch.zeros(shape, device=device), device)
+    return cache[key]
+
+
 @torch.no_grad()
 def encode_clip(
     pipe: Any,
@@ -93,8 +113,6 @@ def encode_clip(
         ``target`` [16, f, h, w] fp32, ``context`` [96, f, h, w] and ``prompt_embeds`` [L, D] in the
         transformer's dtype, ``source`` [16, f, h, w] fp32; all on ``device``.
     """
-    from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
-
     from pickstyle.model.components import prompt_length
 
     del params
@@ -106,30 +124,24 @@ def encode_clip(
     device = torch.device(device) if device is not None else pipe._execution_device
     num_frames = int(src_frames.shape[0])
     transformer_dtype = pipe.transformer.dtype
-    z_dim = pipe.vae.config.z_dim
 
-    # Context: the parent pipeline's own steps with mask = None (-> ones), as at inference.
+    # Same preprocessing and normalisation as the parent pipeline's ``prepare_video_latents`` with mask = ones
+    # (-> "reactive" = VAE(video), "inactive" = VAE(zeros)), done in fewer VAE calls: the source and the style clip
+    # go through the encoder as one batch of 2, and VAE(zeros) is computed once per clip shape and reused.
     video, mask, refs = pipe.preprocess_conditions(
         _pil_frames(src_frames, "source"), None, None, 1, height, width, num_frames, torch.float32, device
     )
-    video_latents = pipe.prepare_video_latents(video, mask, refs, None, device)  # [1, 32, f, h, w]
-    masks = pipe.prepare_masks(mask, refs, None)  # [1, 64, f, h, w]
-    context = torch.cat([video_latents, masks], dim=1).to(transformer_dtype)  # [1, 96, f, h, w]
-    source = video_latents[:, z_dim : 2 * z_dim].float()  # reactive half = normalised VAE(video)
-
-    # Target: the style clip through the same preprocessing, then VAE mode, normalised as the pipeline does.
     style, _, _ = pipe.preprocess_conditions(
         _pil_frames(style_frames, "style"), None, None, 1, height, width, num_frames, torch.float32, device
     )
+    both = _normalised_latents(pipe, torch.cat([video, style]), device)  # [2, 16, f, h, w] fp32
+    reactive, target = both[:1], both[1:]
+    inactive = _zeros_latent(pipe, tuple(video.shape), device)  # [1, 16, f, h, w] fp32
     vae_dtype = pipe.vae.dtype
-    z = retrieve_latents(pipe.vae.encode(style.to(vae_dtype)), None, sample_mode="argmax")
-    mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=torch.float32).view(
-        1, z_dim, 1, 1, 1
-    )
-    inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std, device=device, dtype=torch.float32).view(
-        1, z_dim, 1, 1, 1
-    )
-    target = (z.float() - mean) * inv_std  # [1, 16, f, h, w]
+    video_latents = torch.cat([inactive.to(vae_dtype), reactive.to(vae_dtype)], dim=1)  # [1, 32, f, h, w]
+    masks = pipe.prepare_masks(mask, refs, None)  # [1, 64, f, h, w]
+    context = torch.cat([video_latents, masks], dim=1).to(transformer_dtype)  # [1, 96, f, h, w]
+    source = reactive.to(vae_dtype).float()  # the reactive half, as stored in the context
 
     prompt_embeds, _ = pipe.encode_prompt(
         prompt=caption,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pickstyle.config import parse_params
 from pickstyle.data.shards import write_shards
@@ -70,6 +71,33 @@ def test_encode_clip_shapes_and_context(tiny_backbone: Path) -> None:
         "anime style. a scene", do_classifier_free_guidance=False, max_sequence_length=32
     )
     assert not torch.equal(anime[0], out["prompt_embeds"])
+
+
+def test_encode_clip_matches_the_pipelines_own_context(tiny_backbone: Path) -> None:
+    """The batched/cached encoding equals WanVACEPipeline.prepare_video_latents + prepare_masks."""
+    from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
+
+    pipe = load_pipeline(tiny_backbone)
+    src, style = _clip(2)
+    out = encode_clip(pipe, src, style, "sepia style. a scene")
+    frames = [Image.fromarray(f) for f in src]
+    video, mask, refs = pipe.preprocess_conditions(frames, None, None, 1, H, W, T, torch.float32, "cpu")
+    with torch.no_grad():
+        ref = torch.cat(
+            [
+                pipe.prepare_video_latents(video, mask, refs, None, "cpu"),
+                pipe.prepare_masks(mask, refs, None),
+            ],
+            1,
+        )
+        style_video, _, _ = pipe.preprocess_conditions(
+            [Image.fromarray(f) for f in style], None, None, 1, H, W, T, torch.float32, "cpu"
+        )
+        z = retrieve_latents(pipe.vae.encode(style_video), None, sample_mode="argmax")
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(out["context"], ref[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["target"], ((z - mean) / std)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_encode_clip_rejects_bad_geometry(tiny_backbone: Path) -> None:
