@@ -152,13 +152,20 @@ class Clips(_Section):
     static_prob: float = 0.2
     #: Source-only photometric augmentation (off: any colour change on the style image changes the style).
     source_photometric: bool = False
-    #: H.264 quality: ``near_lossless`` (crf below) or ``lossless`` (crf 0, yuv444).
+    #: Probability of a horizontal flip of *both* images before the motion (one shared draw). [clips helper]
+    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: Shared random crop before the motion: side fraction kept, drawn in [crop_min, 1] (1.0 = off, as the
+    #: reference). [clips helper]
+    crop_min: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: H.264 quality: ``near_lossless`` (libx264, crf below, yuv420p) or ``lossless`` (libx264rgb, qp 0: exact RGB).
     quality: Literal["near_lossless", "lossless"] = "near_lossless"
     crf: int = 12
     #: Optional folder of real videos (mp4/mov/webm/gif) cut into "reconstruct." clips.
     reconstruct_dir: str | None = None
-    #: Caption description used for reconstruction clips.
+    #: Caption description used for reconstruction clips (a ``<video>.txt`` beside a video overrides it).
     reconstruct_description: str = "a real video clip"
+    #: At most this many non-overlapping windows of ``frames`` frames per reconstruction video. [clips helper]
+    reconstruct_max_windows: int = Field(default=4, ge=1)
     #: Held-out procedural test scenes with object motion (written to ``data/testclips``).
     test_clips: int = 6
     #: Moving cut-out objects per test scene.
@@ -213,6 +220,13 @@ class Train(_Section):
     device: str = "auto"
     #: MLflow experiment for training runs.
     experiment: str = "pickstyle-train"
+    #: Most recent checkpoints kept in ``<models>/adapter/checkpoints`` (0 = keep all). [train helper]
+    keep_checkpoints: int = 2
+    #: Log the run to MLflow (off for quick experiments and most tests). [train helper]
+    mlflow: bool = True
+    #: Debug only ("overfit one batch"): each clip always gets the same noise and timestep (seeded by its key),
+    #: so a handful of clips can be memorised and the loss must fall. Never for real training. [train helper]
+    fixed_noise: bool = False
 
 
 class Sample(_Section):
@@ -234,6 +248,9 @@ class Sample(_Section):
     cache_threshold: float = 0.0
     adapter_scale: float = 1.0
     device: str = "auto"
+    #: Videos longer than one clip: consecutive windows share at least this many frames, cross-faded
+    #: linearly (added by the stylize helper).
+    window_overlap: int = Field(default=4, ge=0)
 
 
 class Evaluate(_Section):
@@ -248,6 +265,8 @@ class Evaluate(_Section):
     max_clips: int = 0
     #: Optional local CLIP model folder for a text-frame score.
     clip_model_path: str | None = None
+    #: Test clips (rows) in ``eval/preview.gif`` (added by the evaluation).
+    preview_clips: int = Field(default=2, ge=1)
     experiment: str = "pickstyle-eval"
 
 
@@ -260,6 +279,8 @@ class Register(_Section):
     higher_is_better: bool = True
     #: The challenger must beat the champion by at least this much.
     gate_margin: float = 0.0
+    #: MLflow experiment of the registration runs (added by the registry: each version's source run lives here).
+    experiment: str = "pickstyle-register"
 
 
 class Retrain(_Section):

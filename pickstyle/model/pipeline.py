@@ -1,0 +1,376 @@
+"""The PickStyle sampler: a ``WanVACEPipeline`` with its own denoising loop (CFG, CS-CFG, APG, skip, cache).
+
+diffusers' callbacks run after the scheduler step and cannot change how the predictions are combined, so
+the loop is re-written here (shared/DESIGN.md §3); everything else (prompt encoding, VACE context encoding,
+masks, noise) reuses the parent's helpers unchanged. The source video enters the VACE context with
+mask = ones: "reactive" = VAE(video), "inactive" = VAE(zeros), plus the 64-channel mask (96 channels).
+
+Guidance modes (``guidance=``), with ε_c = ε(x; text, C), ε_t = ε(x; ∅, C), ε_0 = ε(x; ∅, π(C)):
+  * ``none``        ε_c                                   (1 prediction)
+  * ``cfg``         ε_t + t_g(ε_c − ε_t)                  (2; the stock WanVACEPipeline behaviour)
+  * ``cfg_joint``   ε_0 + t_g(ε_c − ε_0)                  (2; text and context dropped together)
+  * ``cs_cfg``      ε_t + t_g(ε_c − ε_t) + c_g(ε_t − ε_0) (3; PickStyle Eq. 16)
+  * ``cs_cfg_apg``  ε_c + (t_g−1)APG(ε_c−ε_t) + (c_g−1)APG(ε_t−ε_0)   (3; the public code's default)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+    WanVACEPipeline,
+)
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
+from pickstyle.config import WAN_NEGATIVE_PROMPT
+from pickstyle.model.cache import StepCache, step_cache
+from pickstyle.model.guidance import MomentumBuffer, cfg, cs_cfg, cs_cfg_apg, permute_context
+
+GUIDANCE_MODES = ("none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg")
+SCHEDULERS = ("unipc", "dpmpp", "euler")
+
+# Which predictions each mode needs, in batch order: "c" = (text, C), "t" = (∅, C), "0" = (∅, π(C)).
+_BRANCHES = {
+    "none": ("c",),
+    "cfg": ("c", "t"),
+    "cfg_joint": ("c", "0"),
+    "cs_cfg": ("c", "t", "0"),
+    "cs_cfg_apg": ("c", "t", "0"),
+}
+
+
+def make_scheduler(name: str, shift: float, base_config: Any = None):
+    """A flow-matching scheduler for sampling.
+
+    Args:
+        name: ``unipc`` (Wan's default), ``dpmpp`` (DPM-Solver++ 2M on flow sigmas, the paper's sampler) or
+            ``euler`` (first-order flow-matching Euler).
+        shift: sampling shift of the sigma schedule, σ' = sσ / (1 + (s−1)σ) (paper: 16).
+        base_config: the backbone's scheduler config; only ``num_train_timesteps`` is taken from it.
+    """
+    num_train_timesteps = int((base_config or {}).get("num_train_timesteps", 1000))
+    if name == "unipc":
+        return UniPCMultistepScheduler(
+            num_train_timesteps=num_train_timesteps,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+        )
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler(
+            num_train_timesteps=num_train_timesteps,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+        )
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    raise ValueError(f"unknown scheduler {name!r}: expected one of {SCHEDULERS}")
+
+
+def _scheduler_name(scheduler: Any) -> str:
+    if isinstance(scheduler, UniPCMultistepScheduler):
+        return "unipc"
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        return "dpmpp"
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return "euler"
+    raise ValueError(f"cannot change the shift of a {type(scheduler).__name__}: pass scheduler= too")
+
+
+def _as_pil_list(video: Any) -> list[PIL.Image.Image]:
+    """uint8 ``[T, H, W, 3]`` arrays become PIL frames, which the parent's video processor reads as [0, 255]."""
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise ValueError(f"video array must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
+        return [PIL.Image.fromarray(f) for f in video]
+    return list(video)
+
+
+def _frame_size(frame: Any) -> tuple[int, int]:
+    if isinstance(frame, PIL.Image.Image):
+        return frame.height, frame.width
+    arr = np.asarray(frame)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
+class PickStylePipeline(WanVACEPipeline):
+    """Video-to-video style transfer with Context-Style CFG on Wan2.1-VACE (PickStyle, arXiv 2510.07546)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        video: Any,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        *,
+        height: int,
+        width: int,
+        num_frames: int | None = None,
+        num_inference_steps: int = 20,
+        guidance: str = "cs_cfg",
+        t_guide: float = 5.0,
+        c_guide: float = 4.0,
+        skip: int = 0,
+        batched: bool = True,
+        scheduler: str | None = None,
+        shift: float | None = None,
+        cache_threshold: float | None = None,
+        conditioning_scale: float | list[float] = 1.0,
+        apg_momentum: float = 0.75,
+        apg_norm_threshold: float = 55.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        max_sequence_length: int = 512,
+    ) -> WanPipelineOutput | tuple:
+        """Re-render ``video`` following ``prompt``.
+
+        Args:
+            video: source frames: uint8 ``[T, H, W, 3]`` array or a list of PIL images, exactly
+                ``height`` x ``width`` (a smaller video would silently get a zero-padded context).
+            prompt: the style prompt (``"anime style. …"``); or pass ``prompt_embeds``.
+            negative_prompt: the "∅ text"; ``None`` = Wan's default negative prompt, ``""`` allowed.
+            height, width: the frame size, required so it is never guessed (multiples of 16).
+            num_frames: frames to generate (default ``len(video)``; must be 4n+1 and equal ``len(video)``).
+            num_inference_steps: N, the length of the sigma schedule.
+            guidance: one of ``GUIDANCE_MODES`` (module docstring).
+            t_guide, c_guide: text and context guidance scales.
+            skip: k in [0, N): start from the source latent noised to sigma_k and run steps k…N−1.
+            batched: run the predictions of one step as one forward (batch 2-3); False = one by one.
+            scheduler: ``unipc``/``dpmpp``/``euler`` (``None`` = the pipeline's own scheduler).
+            shift: sampling shift (``None`` = the scheduler's own).
+            cache_threshold: step-cache threshold (``pickstyle.model.cache``); ``None`` = no cache installed.
+            conditioning_scale: VACE hint scale (per layer or one float).
+            apg_momentum, apg_norm_threshold: APG settings of ``cs_cfg_apg``.
+            generator: draws the initial noise and then, every step, the null-context permutation.
+            latents: initial noise ``[1, 16, f, h, w]`` (default: drawn from ``generator``).
+            prompt_embeds, negative_prompt_embeds: precomputed text embeddings.
+            output_type: ``np`` (float frames in [0, 1]), ``pil``, ``pt`` or ``latent``.
+            return_dict: return a ``WanPipelineOutput`` (else a tuple).
+            attention_kwargs: passed to the transformer (``{"scale": s}`` scales LoRA layers).
+            max_sequence_length: text tokens (must match what training used).
+        """
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"unknown guidance {guidance!r}: expected one of {GUIDANCE_MODES}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError("one prompt (a str) per call")
+        video = _as_pil_list(video)
+        if not video:
+            raise ValueError("video has no frames")
+        num_frames = len(video) if num_frames is None else num_frames
+        if num_frames != len(video) or (num_frames - 1) % self.vae_scale_factor_temporal:
+            raise ValueError(
+                f"num_frames must equal len(video) and be 4n+1, got num_frames={num_frames}, len(video)={len(video)}"
+            )
+        if _frame_size(video[0]) != (height, width):
+            raise ValueError(
+                f"video frames are {_frame_size(video[0])}, expected (height, width) = {(height, width)}"
+            )
+        if not 0 <= skip < num_inference_steps:
+            raise ValueError(f"skip must be in [0, {num_inference_steps}), got {skip}")
+        branches = _BRANCHES[guidance]
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = WAN_NEGATIVE_PROMPT
+        self.check_inputs(
+            prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds, None, video
+        )
+
+        self._guidance_scale = t_guide
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+        transformer = self.transformer
+        transformer_dtype = transformer.dtype
+
+        vace_layers = transformer.config.vace_layers
+        if isinstance(conditioning_scale, (int, float)):
+            conditioning_scale = [conditioning_scale] * len(vace_layers)
+        if len(conditioning_scale) != len(vace_layers):
+            raise ValueError(
+                f"conditioning_scale has {len(conditioning_scale)} entries, need {len(vace_layers)}"
+            )
+        conditioning_scale = torch.tensor(conditioning_scale).to(device=device, dtype=transformer_dtype)
+
+        # 1. Text: the prompt and the "∅ text" (Wan's negative prompt by default).
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=len(branches) > 1,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        # 2. Sigmas/timesteps.
+        if scheduler is None and shift is None:
+            sched = self.scheduler
+        else:
+            name = scheduler or _scheduler_name(self.scheduler)
+            if shift is None:
+                shift = self.scheduler.config.get("flow_shift", self.scheduler.config.get("shift", 1.0))
+            sched = make_scheduler(name, shift, self.scheduler.config)
+        sched.set_timesteps(num_inference_steps, device=device)
+        timesteps = sched.timesteps[skip:]
+        if skip:
+            # Multistep solvers index their sigmas by step: start the count at k, not at 0.
+            sched.set_begin_index(skip)
+
+        # 3. VACE context [1, 96, f, h, w]: inactive = VAE(0), reactive = VAE(video), then the mask.
+        video_t, mask, reference_images = self.preprocess_conditions(
+            video, None, None, 1, height, width, num_frames, torch.float32, device
+        )
+        video_latents = self.prepare_video_latents(video_t, mask, reference_images, generator, device)
+        mask = self.prepare_masks(mask, reference_images, generator)
+        context = torch.cat([video_latents, mask], dim=1).to(transformer_dtype)
+        z_dim = self.vae.config.z_dim
+        source_latents = video_latents[:, z_dim : 2 * z_dim].float()  # normalised VAE(video)
+
+        # 4. Initial latents: pure noise, or (skip = k) the source latent noised to sigma_k.
+        latents = self.prepare_latents(
+            1,
+            transformer.config.in_channels,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+        if skip:
+            sigma = sched.sigmas[skip].to(device=device, dtype=torch.float32)
+            latents = (1 - sigma) * source_latents + sigma * latents
+
+        text_embeds = {"c": prompt_embeds, "t": negative_prompt_embeds, "0": negative_prompt_embeds}
+        text_buffer, context_buffer = MomentumBuffer(apg_momentum), MomentumBuffer(apg_momentum)
+
+        # 5. Denoising loop.
+        self._num_timesteps = len(timesteps)
+        with contextlib.ExitStack() as stack:
+            cache: StepCache | None = None
+            if cache_threshold is not None:
+                cache = stack.enter_context(
+                    step_cache(transformer, cache_threshold, num_steps=len(timesteps))
+                )
+            progress_bar = stack.enter_context(self.progress_bar(total=len(timesteps)))
+            for t in timesteps:
+                self._current_timestep = t
+                # A fresh null context every step, drawn from the pipeline's generator (reproducible).
+                contexts = {"c": context, "t": context}
+                if "0" in branches:
+                    contexts["0"] = permute_context(context, generator)
+                eps = self._predict(
+                    latents.to(transformer_dtype),
+                    t,
+                    branches,
+                    text_embeds,
+                    contexts,
+                    conditioning_scale,
+                    batched,
+                    cache,
+                    attention_kwargs,
+                )
+                if guidance == "none":
+                    noise_pred = eps["c"]
+                elif guidance == "cfg":
+                    noise_pred = cfg(eps["c"], eps["t"], t_guide)
+                elif guidance == "cfg_joint":
+                    noise_pred = cfg(eps["c"], eps["0"], t_guide)
+                elif guidance == "cs_cfg":
+                    noise_pred = cs_cfg(eps["c"], eps["t"], eps["0"], t_guide, c_guide)
+                else:
+                    noise_pred = cs_cfg_apg(
+                        eps["c"],
+                        eps["t"],
+                        eps["0"],
+                        t_guide,
+                        c_guide,
+                        text_buffer,
+                        context_buffer,
+                        apg_norm_threshold,
+                    )
+                latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
+                progress_bar.update()
+            self.cache_stats = cache.stats() if cache is not None else {}
+        self._current_timestep = None
+
+        # 6. Decode.
+        if output_type == "latent":
+            out = latents
+        else:
+            vae_dtype = self.vae.dtype
+            z = latents.to(vae_dtype)
+            mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
+            inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
+                z.device, z.dtype
+            )
+            z = z / inv_std + mean
+            out = self.vae.decode(z, return_dict=False)[0]
+            out = self.video_processor.postprocess_video(out, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (out,)
+        return WanPipelineOutput(frames=out)
+
+    def _predict(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        branches: tuple[str, ...],
+        text_embeds: dict[str, torch.Tensor],
+        contexts: dict[str, torch.Tensor],
+        conditioning_scale: torch.Tensor,
+        batched: bool,
+        cache: StepCache | None,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The noise predictions of one step, one forward of batch ``len(branches)`` or one per branch."""
+        if batched and len(branches) > 1:
+            groups = [branches]
+        else:
+            groups = [(b,) for b in branches]
+        eps: dict[str, torch.Tensor] = {}
+        for group in groups:
+            n = len(group)
+            kwargs = {
+                "hidden_states": latents.expand(n, *latents.shape[1:]) if n > 1 else latents,
+                "timestep": t.expand(n),
+                "encoder_hidden_states": torch.cat([text_embeds[b] for b in group])
+                if n > 1
+                else text_embeds[group[0]],
+                "control_hidden_states": torch.cat([contexts[b] for b in group])
+                if n > 1
+                else contexts[group[0]],
+                "control_hidden_states_scale": conditioning_scale,
+                "attention_kwargs": attention_kwargs,
+                "return_dict": False,
+            }
+            key = "+".join(group)
+            if cache is not None:
+                with cache.branch(key):
+                    out = self.transformer(**kwargs)[0]
+            else:
+                with self.transformer.cache_context(key):
+                    out = self.transformer(**kwargs)[0]
+            for i, b in enumerate(group):
+                eps[b] = out[i : i + 1].float()
+        return eps

@@ -1,0 +1,315 @@
+"""``pickstyle stylize``: re-render any video in a style with a (registered) context-style adapter.
+
+What happens to the input, in order:
+
+1. Decode it with PyAV (mp4, mov, webm, gif, ...; any size, fps, length), frame by frame, fitting each
+   frame as it comes (memory stays at the model's resolution). Missing, empty, non-video or frameless
+   inputs raise :class:`~pickstyle.data.video.VideoError` before any model is loaded.
+2. Fit every frame to the profile's ``height x width``: ``fit="crop"`` resizes to cover and centre-crops (the
+   reference's preprocessing); ``fit="pad"`` resizes to fit inside and letterboxes, and the letterbox is cut
+   off the result again.
+3. Time: a video of at most ``frames`` (the profile's clip length, 4n+1) frames is one window, padded to the
+   next 4n+1 length by repeating its last frame (the padding is dropped afterwards). A longer one is either
+   cut to its first ``frames`` frames with a warning (``on_long="cut"``) or processed in windows of
+   ``frames`` frames (``on_long="windows"``): consecutive windows share at least ``sample.window_overlap``
+   frames (starts spread evenly, so the last window ends on the last frame and no padding is needed) and
+   are joined by a linear cross-fade: each window weighs its frames with a tent ``min(p + 1, L - p)`` and
+   every output frame is the weighted mean of the windows that cover it, so a frame seen by one window is
+   exactly that window's frame and overlaps fade from one window to the next. Every window uses the same
+   seed (the same noise), which keeps the style of consecutive windows alike.
+4. Output: H.264 mp4 at the source fps with one frame per (used) input frame, at the model's resolution
+   (no upscaling back to the source size: it would add no detail). ``side_by_side`` writes the fitted
+   source | result (twice the width). The file is written atomically: an error never leaves a partial
+   OUTPUT behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pickstyle.config import Params, Sample
+from pickstyle.errors import PickstyleError
+
+logger = logging.getLogger(__name__)
+
+
+class StylizeError(PickstyleError):
+    """``stylize`` cannot run with these arguments (bad output path, missing adapter, unusable size)."""
+
+
+def _next_4n1(n: int) -> int:
+    return 4 * math.ceil((n - 1) / 4) + 1
+
+
+def _max_sequence_length(pipe: Any) -> int:
+    # Training and sampling must pad prompts to the same length: the tiny tokenizer's model_max_length (32);
+    # Wan's 512 for real backbones (whose tokenizer may report a huge "no limit" value).
+    return min(int(getattr(pipe.tokenizer, "model_max_length", 512) or 512), 512)
+
+
+def stylize_frames(
+    pipe: Any,
+    frames: np.ndarray,
+    prompt: str,
+    sample: Sample,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+) -> np.ndarray:
+    """Stylize one window of frames already fitted to the model's size.
+
+    Args:
+        pipe: a ``PickStylePipeline`` (adapter loaded or not).
+        frames: ``np.uint8 [T, H, W, 3]``; T need not be 4n+1 (padded by repeating the last frame, then trimmed).
+        prompt: the style prompt, e.g. ``"anime style. a wolf walking in the snow"``.
+        sample: sampling settings (guidance, scales, steps, skip, scheduler, cache, ...).
+        seed: seeds the noise and the null-context permutations (a CPU generator: same result on any device).
+        height, width: the frame size passed to the pipeline (default: the frames' own size; they must agree).
+
+    Returns:
+        ``np.uint8 [T, H, W, 3]``.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise StylizeError(f"frames must be [T, H, W, 3] with T >= 1, got {frames.shape}")
+    count, h, w, _ = frames.shape
+    height, width = height or h, width or w
+    if (h, w) != (height, width):
+        raise StylizeError(f"frames are {h}x{w} but height x width is {height}x{width}: fit them first")
+    padded = _next_4n1(count)
+    if padded > count:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], padded - count, axis=0)])
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(
+        frames.astype(np.uint8, copy=False),
+        prompt,
+        sample.negative_prompt,
+        height=height,
+        width=width,
+        num_frames=padded,
+        num_inference_steps=sample.steps,
+        guidance=sample.guidance,
+        t_guide=sample.t_guide,
+        c_guide=sample.c_guide,
+        skip=sample.skip,
+        batched=sample.batched,
+        scheduler=sample.scheduler,
+        shift=sample.shift,
+        cache_threshold=sample.cache_threshold if sample.cache_threshold > 0 else None,
+        generator=generator,
+        output_type="np",
+        max_sequence_length=_max_sequence_length(pipe),
+    ).frames[0]  # float [T, H, W, 3] in [0, 1]
+    return (np.clip(out[:count], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def plan_windows(total: int, length: int, overlap: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the windows covering ``total`` frames with ``length``-frame windows.
+
+    Consecutive windows share at least ``overlap`` frames (clamped to ``length - 1``); starts are spread
+    evenly so the first window starts at 0 and the last ends at ``total``.
+    """
+    if total <= length:
+        return [(0, total)]
+    overlap = min(max(overlap, 0), length - 1)
+    count = math.ceil((total - overlap) / (length - overlap))
+    count = max(count, 2)
+    starts = np.round(np.linspace(0, total - length, count)).astype(int)
+    return [(int(s), int(s) + length) for s in starts]
+
+
+def blend_windows(windows: list[tuple[tuple[int, int], np.ndarray]], total: int) -> np.ndarray:
+    """Join stylized windows: per-frame weighted mean with tent weights (a linear cross-fade in overlaps)."""
+    first = windows[0][1]
+    acc = np.zeros((total, *first.shape[1:]), np.float64)
+    weight = np.zeros(total, np.float64)
+    for (start, end), frames in windows:
+        n = end - start
+        p = np.arange(n)
+        tent = np.minimum(p + 1, n - p).astype(np.float64)
+        acc[start:end] += frames.astype(np.float64) * tent[:, None, None, None]
+        weight[start:end] += tent
+    return np.clip(np.round(acc / weight[:, None, None, None]), 0, 255).astype(np.uint8)
+
+
+def _fit(frames: np.ndarray, height: int, width: int, fit: str) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Frames at ``height x width`` and the region of them that holds picture (all of it unless padded)."""
+    from pickstyle.data.video import pad_to, resize_contain, resize_cover_crop
+
+    if fit == "crop":
+        return resize_cover_crop(frames, height, width), (slice(0, height), slice(0, width))
+    if fit == "pad":
+        inner = resize_contain(frames, height, width)
+        h, w = inner.shape[1:3]
+        top, left = (height - h) // 2, (width - w) // 2
+        return pad_to(inner, height, width), (slice(top, top + h), slice(left, left + w))
+    raise StylizeError(f"fit must be 'crop' or 'pad', got {fit!r}")
+
+
+def read_fitted(
+    path: Path, height: int, width: int, fit: str, max_frames: int | None = None
+) -> tuple[np.ndarray, float, tuple[slice, slice]]:
+    """Decode ``path`` frame by frame, fitting each frame as it comes.
+
+    Memory stays at the model's resolution whatever the input's (a minute of 4K would need ~45 GB as
+    full frames). ``read_video`` is asked for the first frame first, so a missing, empty, non-video or
+    frameless input raises its ``VideoError`` message. A decoding error after some frames keeps those frames
+    (as ``read_video`` does).
+
+    Returns:
+        ``(frames [T, height, width, 3] uint8, fps, picture region)``.
+    """
+    import av
+
+    from pickstyle.data.video import VideoError, _stream_fps, read_video
+
+    read_video(path, max_frames=1)
+    fitted: list[np.ndarray] = []
+    pts: list[float] = []
+    region = (slice(0, height), slice(0, width))
+    with av.open(str(path), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                one, region = _fit(frame.to_ndarray(format="rgb24")[None], height, width, fit)
+                fitted.append(one[0])
+                if frame.time is not None:
+                    pts.append(float(frame.time))
+                if max_frames is not None and len(fitted) >= max_frames:
+                    break
+        except (av.FFmpegError, ValueError) as err:
+            if not fitted:
+                raise VideoError(f"{path}: not a readable video ({err})") from None
+        fps = _stream_fps(stream, pts)
+    return np.stack(fitted), fps, region
+
+
+def _resolve_model(
+    params: Params, adapter: str | Path | None, model_uri: str | None
+) -> tuple[Path, Path | None]:
+    """The backbone folder and the adapter folder (``None`` = base model)."""
+    from pickstyle.model.components import ensure_backbone
+
+    backbone: Path | None = None
+    if model_uri:
+        try:
+            from pickstyle.registry import load_registered
+        except ImportError as err:
+            raise StylizeError(f"--model {model_uri}: the MLflow registry is not available ({err})") from None
+        info = load_registered(model_uri, params=params)
+        adapter = info.get("adapter_dir")
+        backbone = Path(info["backbone_dir"]) if info.get("backbone_dir") else None
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not adapter.is_dir():
+            raise StylizeError(f"{adapter}: adapter folder not found")
+    return (backbone or ensure_backbone(params)), adapter
+
+
+def stylize_file(
+    input: str | Path,
+    output: str | Path,
+    prompt: str,
+    *,
+    params: Params,
+    sample: Sample,
+    adapter: str | Path | None = None,
+    model_uri: str | None = None,
+    side_by_side: bool = False,
+    fit: str = "crop",
+    seed: int = 0,
+    max_frames: int | None = None,
+    on_long: str = "windows",
+) -> Path:
+    """Stylize a video file and write the result as mp4 (see the module docstring for every step).
+
+    Args:
+        input: any video PyAV reads.
+        output: the mp4 to write (atomically; never partially).
+        prompt: the style prompt, e.g. ``"anime style. a wolf walking in the snow"``.
+        params: the project params (profile size and clip length, backbone, paths).
+        sample: sampling settings (``params.sample`` with CLI overrides).
+        adapter: adapter folder (diffusers LoRA format); ``None`` with no ``model_uri`` = the base model.
+        model_uri: ``models:/NAME@ALIAS`` from the MLflow registry (gives the adapter and the backbone).
+        side_by_side: write source | result.
+        fit: ``crop`` (resize to cover + centre crop) or ``pad`` (letterbox, cut off again afterwards).
+        seed: noise and null-context seed.
+        max_frames: read at most this many input frames.
+        on_long: ``windows`` (cross-faded windows) or ``cut`` (first clip only, with a warning).
+
+    Returns:
+        ``output`` as a Path.
+    """
+    from pickstyle.data.video import write_video
+    from pickstyle.files import resolve_device
+    from pickstyle.model.components import load_pipeline
+    from pickstyle.model.pipeline import PickStylePipeline
+
+    input, output = Path(input), Path(output)
+    if output.is_dir():
+        raise StylizeError(f"{output}: is a folder; give the output .mp4 file name")
+    if input.exists() and output.exists() and output.resolve() == input.resolve():
+        raise StylizeError(f"{output}: the output would overwrite the input")
+    if on_long not in ("windows", "cut"):
+        raise StylizeError(f"on_long must be 'windows' or 'cut', got {on_long!r}")
+    if max_frames is not None and max_frames < 1:
+        raise StylizeError(f"max_frames must be >= 1, got {max_frames}")
+    if not 0 <= sample.skip < sample.steps:
+        raise StylizeError(f"skip must be in [0, steps={sample.steps}), got {sample.skip}")
+    profile = params.active
+    height, width, length = profile.height, profile.width, profile.frames
+
+    if fit not in ("crop", "pad"):
+        raise StylizeError(f"fit must be 'crop' or 'pad', got {fit!r}")
+    # VideoError (missing, empty, not a video, no frames) before any model is loaded.
+    if on_long == "cut":  # one frame more than a clip tells whether anything is cut
+        max_frames = min(max_frames or length + 1, length + 1)
+    fitted, fps, region = read_fitted(input, height, width, fit, max_frames)
+    if len(fitted) > length and on_long == "cut":
+        logger.warning(
+            "%s: longer than one %d-frame clip; keeping the first %d frames (use --long windows for all)",
+            input,
+            length,
+            length,
+        )
+        fitted = fitted[:length]
+
+    backbone, adapter_dir = _resolve_model(params, adapter, model_uri)
+    pipe = load_pipeline(
+        backbone,
+        device=resolve_device(sample.device),
+        dtype=params.model.dtype,
+        pipeline_cls=PickStylePipeline,
+    )
+    base = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    if height % base or width % base:
+        raise StylizeError(f"profile size {height}x{width}: this backbone needs multiples of {base}")
+    if adapter_dir is not None:
+        from pickstyle.model.adapters import load_adapter
+
+        load_adapter(pipe, adapter_dir, scale=sample.adapter_scale)
+
+    show = sys.stderr.isatty()
+    pipe.set_progress_bar_config(disable=not show, desc="steps", leave=False)
+    windows = plan_windows(len(fitted), length, sample.window_overlap)
+    results = []
+    for start, end in tqdm(windows, desc="windows", unit="window", disable=not show or len(windows) == 1):
+        results.append(
+            ((start, end), stylize_frames(pipe, fitted[start:end], prompt, sample, seed, height, width))
+        )
+    styled = results[0][1] if len(results) == 1 else blend_windows(results, len(fitted))
+
+    rows, cols = region
+    styled = styled[:, rows, cols]
+    if side_by_side:
+        styled = np.concatenate([fitted[:, rows, cols], styled], axis=2)
+    return write_video(output, styled, fps)

@@ -1,0 +1,182 @@
+"""PickStylePipeline invariants on the tiny backbone (5 frames, 32x48, 2 steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pickstyle.config import WAN_NEGATIVE_PROMPT
+from pickstyle.model.components import load_pipeline
+from pickstyle.model.pipeline import PickStylePipeline, make_scheduler
+
+FRAMES, HEIGHT, WIDTH, STEPS = 5, 32, 48, 2
+PROMPT = "anime style. a wolf in the snow"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny model is too small to gain from threads; on a busy 2-core machine they only spin-wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_backbone):
+    return load_pipeline(tiny_backbone, "cpu", pipeline_cls=PickStylePipeline)
+
+
+@pytest.fixture(scope="module")
+def video() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    coarse = rng.random((FRAMES, 4, 6, 3))
+    big = coarse.repeat(HEIGHT // 4, axis=1).repeat(WIDTH // 6, axis=2)
+    return (big * 255).astype(np.uint8)
+
+
+def run(pipe, video, seed=0, **kwargs) -> np.ndarray:
+    """Final latents by default (``output_type="latent"``: the VAE decode would dominate the test time)."""
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("max_sequence_length", 32)
+    kwargs.setdefault("output_type", "latent")
+    out = pipe(
+        video,
+        kwargs.pop("prompt", PROMPT),
+        kwargs.pop("negative_prompt", None),
+        height=HEIGHT,
+        width=WIDTH,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+    return np.asarray(out.frames[0])
+
+
+def test_cfg_reproduces_stock_wan_vace(pipe, video):
+    from diffusers import WanVACEPipeline
+
+    stock = WanVACEPipeline(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    expected = (
+        stock(
+            video=[PIL.Image.fromarray(f) for f in video],
+            prompt=PROMPT,
+            negative_prompt=WAN_NEGATIVE_PROMPT,
+            height=HEIGHT,
+            width=WIDTH,
+            num_frames=FRAMES,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            max_sequence_length=32,
+            output_type="latent",
+        )
+        .frames[0]
+        .numpy()
+    )
+    sequential = run(pipe, video, guidance="cfg", t_guide=5.0, batched=False)
+    np.testing.assert_array_equal(sequential, expected)
+    batched = run(pipe, video, guidance="cfg", t_guide=5.0, batched=True)
+    np.testing.assert_allclose(batched, expected, atol=1e-4)
+
+
+def test_cs_cfg_with_zero_context_guidance_equals_cfg(pipe, video):
+    a = run(pipe, video, guidance="cfg", batched=False)
+    b = run(pipe, video, guidance="cs_cfg", c_guide=0.0, batched=False)
+    np.testing.assert_array_equal(a, b)
+    c = run(pipe, video, guidance="cs_cfg", c_guide=4.0, batched=False)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_batched_equals_sequential(pipe, video):
+    for guidance in ("cs_cfg", "cs_cfg_apg"):
+        a = run(pipe, video, guidance=guidance, batched=True)
+        b = run(pipe, video, guidance=guidance, batched=False)
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=guidance)
+
+
+def test_seeded_and_default_negative_prompt(pipe, video):
+    a = run(pipe, video, seed=3)
+    np.testing.assert_array_equal(a, run(pipe, video, seed=3, negative_prompt=WAN_NEGATIVE_PROMPT))
+    assert np.abs(a - run(pipe, video, seed=4)).max() > 1e-3
+    assert np.abs(a - run(pipe, video, seed=3, negative_prompt="")).max() > 0  # empty allowed, and different
+
+
+def test_precomputed_prompt_embeds(pipe, video):
+    embeds, negative = pipe.encode_prompt(PROMPT, WAN_NEGATIVE_PROMPT, max_sequence_length=32, device="cpu")
+    a = run(pipe, video, guidance="cs_cfg")
+    b = run(
+        pipe, video, guidance="cs_cfg", prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative
+    )
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "dpmpp", "euler"])
+def test_skip_runs_exactly_steps_k_to_n(pipe, video, scheduler):
+    steps, skip = 4, 2
+    seen: list[float] = []
+
+    def hook(module, args, kwargs):
+        seen.append(float(kwargs["timestep"][0]))
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = run(
+            pipe,
+            video,
+            guidance="cs_cfg",
+            scheduler=scheduler,
+            shift=16.0,
+            num_inference_steps=steps,
+            skip=skip,
+        )
+    finally:
+        handle.remove()
+    reference = make_scheduler(scheduler, 16.0)
+    reference.set_timesteps(steps)
+    assert seen == [float(t) for t in reference.timesteps[skip:]]  # one batch-3 forward per step k..N-1
+    assert np.isfinite(out).all()
+
+
+def test_skip_starts_from_the_source(pipe, video):
+    # the last step of a 20-step schedule barely changes the noised source latent: the output follows the
+    # source video much more closely than a from-noise run does
+    src = video.astype(np.float32) / 255
+    kw = {"guidance": "none", "scheduler": "euler", "shift": 1.0, "output_type": "np"}
+    late = run(pipe, video, num_inference_steps=20, skip=19, **kw)
+    noise = run(pipe, video, num_inference_steps=2, **kw)
+    assert np.abs(late - src).mean() < np.abs(noise - src).mean()
+
+
+def test_rejects_wrong_size_and_skip(pipe, video):
+    with pytest.raises(ValueError, match="height, width"):
+        pipe(video, PROMPT, height=HEIGHT + 16, width=WIDTH, num_inference_steps=1, max_sequence_length=32)
+    with pytest.raises(ValueError, match="skip"):
+        run(pipe, video, skip=STEPS)
+    with pytest.raises(ValueError, match="4n\\+1"):
+        pipe(video[:4], PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=1, max_sequence_length=32)
+
+
+def test_adapter_changes_output_and_scale_zero_restores_base(tiny_backbone, video, tmp_path):
+    from diffusers import WanVACETransformer3DModel
+
+    from pickstyle.model.adapters import add_context_style_adapter, load_adapter, save_adapter
+
+    transformer = WanVACETransformer3DModel.from_pretrained(tiny_backbone / "transformer")
+    add_context_style_adapter(transformer, rank=4, alpha=4.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:  # B starts at zero (no effect): make the adapter do something
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    save_adapter(transformer, tmp_path / "adapter")
+
+    pipe = load_pipeline(tiny_backbone, "cpu", pipeline_cls=PickStylePipeline)
+    base = run(pipe, video, guidance="cs_cfg")
+    load_adapter(pipe, tmp_path / "adapter", scale=1.0)
+    styled = run(pipe, video, guidance="cs_cfg")
+    assert np.abs(styled - base).max() > 1e-3
+    load_adapter(pipe, tmp_path / "adapter", scale=0.0)
+    np.testing.assert_allclose(run(pipe, video, guidance="cs_cfg"), base, atol=1e-6)

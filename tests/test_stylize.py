@@ -1,0 +1,168 @@
+"""`pickstyle stylize`: any input video -> mp4 at the source fps; clear one-line errors, never a partial output."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pickstyle.cli import main
+from pickstyle.data.video import read_video, write_video
+from pickstyle.stylize import blend_windows, plan_windows
+
+WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"
+PROMPT = "anime style. a wolf in the snow"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """One tiny backbone for the module (built by ``ensure_backbone`` on the first stylize)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def _workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the embedded defaults (tiny profile)
+
+
+def _clip(path: Path, frames: int, height: int, width: int, fps: float) -> Path:
+    t = np.linspace(0, 1, frames)[:, None, None, None]
+    y = np.linspace(0, 1, height)[None, :, None, None]
+    x = np.linspace(0, 1, width)[None, None, :, None]
+    shape = (frames, height, width, 1)
+    channels = [x, (y + t) % 1, (x * y + t) % 1]  # a pattern that moves with time
+    rgb = np.concatenate([np.broadcast_to(c, shape) for c in channels], axis=-1) * 255
+    return write_video(path, rgb.astype(np.uint8), fps)
+
+
+def _stylize(input: Path, output: Path, models_dir: Path, *extra: str) -> int:
+    return main(
+        [
+            "stylize",
+            str(input),
+            "-o",
+            str(output),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "-S",
+            f"paths.models={models_dir}",
+            *extra,
+        ]
+    )
+
+
+def _zero_frame_mp4(path: Path) -> Path:
+    import av
+
+    container = av.open(str(path), "w", format="mp4")
+    stream = container.add_stream("libx264", rate=8)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    container.start_encoding()
+    container.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "zero_bytes", "text", "zero_frames"])
+def test_bad_inputs_fail_with_one_line_and_no_output(kind, tmp_path, models_dir, capsys):
+    src = tmp_path / f"in_{kind}.mp4"
+    if kind == "zero_bytes":
+        src.write_bytes(b"")
+    elif kind == "text":
+        src.write_text("this is not a video\n")
+    elif kind == "zero_frames":
+        _zero_frame_mp4(src)
+    out = tmp_path / "out" / "result.mp4"
+    assert _stylize(src, out, models_dir) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0] and src.name in err[0], err
+    assert not out.exists()
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # no temp file left behind either
+
+
+def test_missing_adapter_fails_cleanly(tmp_path, models_dir, capsys):
+    src = _clip(tmp_path / "in.mp4", 5, 40, 60, 12)
+    out = tmp_path / "result.mp4"
+    assert _stylize(src, out, models_dir, "--adapter", str(tmp_path / "nope")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter" in err[0]
+    assert not out.exists()
+
+
+def test_long_clip_in_windows_keeps_fps_and_frame_count(tmp_path, models_dir):
+    src = _clip(tmp_path / "in.mov", 12, 40, 60, 12.0)  # > 9 frames: two cross-faded windows
+    out = tmp_path / "result.mp4"
+    assert _stylize(src, out, models_dir) == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (12, 64, 96, 3)
+    assert fps == pytest.approx(12.0)
+
+
+def test_side_by_side_short_clip(tmp_path, models_dir):
+    src = _clip(tmp_path / "in.mp4", 6, 48, 48, 7.5)  # 6 frames: padded to 9 internally, trimmed back
+    out = tmp_path / "sbs.mp4"
+    assert _stylize(src, out, models_dir, "--side-by-side", "--guidance", "cs_cfg_apg") == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (6, 64, 192, 3)
+    assert fps == pytest.approx(7.5)
+
+
+def test_pad_fit_cuts_the_letterbox(tmp_path, models_dir):
+    src = _clip(tmp_path / "in.mp4", 5, 40, 40, 10)
+    out = tmp_path / "pad.mp4"
+    assert _stylize(src, out, models_dir, "--fit", "pad", "--skip", "1") == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (5, 64, 64, 3)
+
+
+def test_cut_long_video_warns(tmp_path, models_dir, caplog):
+    src = _clip(tmp_path / "in.mp4", 14, 40, 60, 10)
+    out = tmp_path / "cut.mp4"
+    with caplog.at_level(logging.WARNING, logger="pickstyle.stylize"):
+        assert _stylize(src, out, models_dir, "--long", "cut") == 0
+    assert read_video(out)[0].shape[0] == 9
+    assert any("keeping the first 9 frames" in r.message for r in caplog.records)
+
+
+@pytest.mark.skipif(not WOLF.is_file(), reason="shared/videos/wolf.mp4 not present")
+def test_wolf(tmp_path, models_dir):
+    _, src_fps = read_video(WOLF, max_frames=2)
+    out = tmp_path / "wolf.mp4"
+    assert _stylize(WOLF, out, models_dir, "--max-frames", "13") == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (13, 64, 96, 3)
+    assert fps == pytest.approx(src_fps)
+
+
+def test_plan_windows_cover_every_frame():
+    assert plan_windows(5, 9, 4) == [(0, 5)]
+    assert plan_windows(9, 9, 4) == [(0, 9)]
+    for total in (10, 13, 14, 15, 40, 81):
+        windows = plan_windows(total, 9, 4)
+        assert windows[0][0] == 0 and windows[-1][1] == total
+        assert all(e - s == 9 for s, e in windows)
+        assert all(b[0] <= a[1] - 4 for a, b in itertools.pairwise(windows))  # overlap >= 4
+
+
+def test_blend_windows_crossfades_linearly():
+    a = np.zeros((9, 2, 2, 3), np.uint8)
+    b = np.full((9, 2, 2, 3), 200, np.uint8)
+    out = blend_windows([((0, 9), a), ((5, 14), b)], 14)
+    values = out[:, 0, 0, 0].astype(int)
+    assert (values[:5] == 0).all() and (values[9:] == 200).all()  # frames seen by one window: unchanged
+    assert list(values[5:9]) == sorted(values[5:9]) and 0 < values[5] < values[8] < 200  # a monotone fade
