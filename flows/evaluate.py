@@ -1,0 +1,91 @@
+"""Stage ``evaluate``: stylize the held-out test clips with each variant and score them. ``python -m flows.evaluate``.
+
+Prefect UI artifacts: a markdown summary of the metrics, a table (one row per variant) and the side-by-side
+preview (source | no adapter | cfg | cs_cfg | ground truth), inline when small enough.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import stage_params
+from pickstyle.config import Params
+from pickstyle.evaluation import evaluate
+
+#: Largest preview embedded in the artifact (the Prefect UI renders it inline as a data URI).
+MAX_INLINE_PREVIEW = 2_000_000
+
+
+def metrics_table(metrics: dict[str, float]) -> list[dict[str, object]]:
+    """``{"cfg/edge_f1": x, ...}`` -> one row per variant with a column per metric (blank where absent)."""
+    rows: dict[str, dict[str, object]] = {}
+    for key, value in metrics.items():
+        variant, _, metric = key.partition("/")
+        rows.setdefault(variant, {"variant": variant})[metric] = round(value, 4)
+    columns = ["variant", *sorted({k for r in rows.values() for k in r} - {"variant"})]
+    return [{c: r.get(c, "") for c in columns} for r in rows.values()]
+
+
+def metrics_markdown(summary: dict) -> str:
+    """The metrics summary as markdown: a table per variant plus what each metric means."""
+    table = metrics_table(summary["metrics"])
+    columns = list(table[0]) if table else []
+    md = [
+        "# Evaluation on held-out test clips",
+        "",
+        f"{summary['clips']} clips; variants: {', '.join(summary['variants'])}; MLflow run `{summary['mlflow_run_id']}`.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in table),
+        "",
+        "warp_error ↓ (temporal consistency, flow of the source; `source`/`ground_truth` rows are references) · "
+        "structure_ssim ↑, edge_f1 ↑ (vs the source) · style_psnr ↑, style_ssim ↑, color_dist ↓, texture_dist ↓ "
+        "(vs the exact ground-truth style clip).",
+        "",
+        "Seconds per clip: " + ", ".join(f"{k} {v}" for k, v in summary["seconds_per_clip"].items()),
+    ]
+    return "\n".join(md)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def publish(summary: dict) -> None:
+    """Prefect UI artifacts (API I/O, hence the retries)."""
+    create_markdown_artifact(
+        key="evaluate-summary", markdown=metrics_markdown(summary), description="metrics"
+    )
+    create_table_artifact(
+        key="evaluate-metrics",
+        table=metrics_table(summary["metrics"]),
+        description="mean metrics per variant",
+    )
+    preview = Path(summary["eval_dir"]) / "preview.gif"
+    if preview.is_file():
+        data = preview.read_bytes()
+        if len(data) <= MAX_INLINE_PREVIEW:
+            body = f"![evaluation preview](data:image/gif;base64,{base64.b64encode(data).decode()})"
+        else:
+            body = f"Preview: `{preview.resolve()}` ({len(data) / 1e6:.1f} MB, too large to inline)"
+        md = (
+            "# Evaluation preview\n\nColumns: source | no adapter | cfg | cs_cfg | ground truth.\n\n"
+            f"{body}\n\nFile: `{preview.resolve()}`\n"
+        )
+        create_markdown_artifact(key="evaluate-preview", markdown=md, description="side-by-side preview")
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: Params) -> dict:
+    summary = evaluate(params)
+    publish(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    params, _ = stage_params(sys.argv[1:], __doc__)
+    evaluate_flow(params)

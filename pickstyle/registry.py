@@ -1,0 +1,637 @@
+"""MLflow tracking and registry: where runs go, registering adapters, ``@challenger`` / ``@champion``, loading.
+
+The serving contract is ``models:/<name>@champion``: an MLflow pyfunc model (:class:`PickStyleModel`) whose
+artifacts are the adapter, the resolved params and, for the tiny profile, the whole backbone folder (real
+profiles record the backbone's path and fingerprint instead of copying tens of GB). Every new version gets
+``@challenger``; ``@champion`` moves only when the evaluation gate passes (``register.gate_metric`` compared
+with the current champion's value, ``register.gate_margin``). The same adapter (same sha256) is registered once.
+
+MLflow 3 rejects the file store, and a relative sqlite path would follow the working directory, so the tracking
+URI is always ``sqlite:///<absolute path>`` and experiments get an absolute artifact location (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+import pickstyle
+from pickstyle.config import Params, Paths, Sample, parse_params
+from pickstyle.errors import PickstyleError
+from pickstyle.files import sha256_tree, write_json
+
+#: Environment overrides of the tracking URI, first match wins.
+URI_ENV = ("PICKSTYLE_MLFLOW_URI", "MLFLOW_TRACKING_URI")
+#: Environment override of the artifact root used when an experiment is created.
+ARTIFACTS_ENV = "PICKSTYLE_MLFLOW_ARTIFACTS"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+#: Files of an adapter folder that make up the registered adapter (checkpoints and logs stay behind).
+ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "pickstyle_adapter.json")
+#: Per-row sampling overrides accepted by :meth:`PickStyleModel.predict` (besides video, prompt, output).
+OVERRIDE_COLUMNS: dict[str, str] = {
+    "steps": "long",
+    "guidance": "string",
+    "t_guide": "double",
+    "c_guide": "double",
+    "skip": "long",
+    "scheduler": "string",
+    "shift": "double",
+    "negative_prompt": "string",
+    "adapter_scale": "double",
+    "seed": "long",
+    "max_frames": "long",
+}
+
+
+class RegistryError(PickstyleError):
+    """Registering or loading a model failed for a reason the user can fix (no adapter, unknown alias, ...)."""
+
+
+# --- where MLflow lives ----------------------------------------------------------------------------------------
+
+
+def _anchor() -> Path:
+    """Folder that relative MLflow paths resolve against.
+
+    The working directory, except inside a DVC experiment executor (``dvc exp run --temp``/``--queue``, which
+    sets ``DVC_EXP_NAME`` and points ``DVC_ROOT`` at the parent repository): its working directory is a temporary
+    copy that is deleted afterwards, so runs and registered versions would vanish with it.
+    """
+    root = os.environ.get("DVC_ROOT")
+    if os.environ.get("DVC_EXP_NAME") and root and Path(root).is_dir():
+        return Path(root).resolve()
+    return Path.cwd()
+
+
+def tracking_uri(params: Params | None = None) -> str:
+    """The MLflow tracking (and registry) URI: ``sqlite:///<absolute path of paths.mlflow_db>``.
+
+    ``PICKSTYLE_MLFLOW_URI`` or ``MLFLOW_TRACKING_URI`` (e.g. ``http://mlflow:5000``) win when set.
+    """
+    for key in URI_ENV:
+        if os.environ.get(key):
+            return os.environ[key]
+    paths = params.paths if params is not None else Paths()
+    db = Path(paths.mlflow_db)
+    db = db if db.is_absolute() else _anchor() / db
+    return f"sqlite:///{db.resolve()}"
+
+
+def artifact_root(params: Params | None = None) -> Path:
+    """Absolute artifact root for new experiments (``PICKSTYLE_MLFLOW_ARTIFACTS``, else ``paths.mlflow_artifacts``).
+
+    With a sqlite URI from the environment, a relative ``mlflow_artifacts`` sits beside that database, so
+    artifacts and runs stay together.
+    """
+    if os.environ.get(ARTIFACTS_ENV):
+        return Path(os.environ[ARTIFACTS_ENV]).resolve()
+    paths = params.paths if params is not None else Paths()
+    root = Path(paths.mlflow_artifacts)
+    if root.is_absolute():
+        return root
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///") and any(os.environ.get(k) for k in URI_ENV):
+        return (Path(uri.removeprefix("sqlite:///")).parent / root).resolve()
+    return (_anchor() / root).resolve()
+
+
+def use_tracking(params: Params | None = None) -> str:
+    """Point the MLflow fluent API (tracking and registry) at :func:`tracking_uri`; returns the URI."""
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which tracking_uri() would then read back as a
+    # user override (a later call with other params, child processes): put the environment back as it was.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    return uri
+
+
+def ensure_experiment(params: Params | None, name: str) -> str:
+    """The id of experiment ``name``, created with an absolute artifact location if missing."""
+    use_tracking(params)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = tracking_uri(params)
+    if uri.startswith(("http://", "https://")):
+        return mlflow.create_experiment(name)  # a tracking server decides where artifacts go
+    root = artifact_root(params)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow.create_experiment(name, artifact_location=root.as_uri())
+    except MlflowException:  # created concurrently by another stage
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+# --- provenance ------------------------------------------------------------------------------------------------
+
+
+def git_revision(cwd: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` (``None`` outside a repository, without git, or before the first commit)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else None
+
+
+def provenance_tags(params: Params, flow_run_id: str | None = None) -> dict[str, str]:
+    """Tags every run and version carries: git revision, DVC experiment, params hash, Prefect flow run."""
+    tags = {
+        "git_revision": git_revision() or "unknown",
+        "params_hash": params.section_hash(),
+        "profile": params.profile,
+        "pickstyle_version": pickstyle.__version__,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if flow_run_id:
+        tags["prefect_flow_run_id"] = str(flow_run_id)
+    if os.environ.get("PICKSTYLE_PARENT_FLOW_RUN_ID"):  # set by the retrain-style flow for its stages
+        tags["prefect_parent_flow_run_id"] = os.environ["PICKSTYLE_PARENT_FLOW_RUN_ID"]
+    return tags
+
+
+def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy the files that define an adapter (:data:`ADAPTER_FILES`) into ``out_dir``."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / ADAPTER_FILES[0]).is_file():
+        raise RegistryError(
+            f"{adapter_dir}: no trained adapter (missing {ADAPTER_FILES[0]}; run the train stage)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, out_dir / name)
+    return out_dir
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """:func:`pickstyle.files.sha256_tree` of the adapter's defining files (checkpoints and logs excluded)."""
+    with tempfile.TemporaryDirectory(prefix="pickstyle-adapter-") as tmp:
+        return sha256_tree(stage_adapter(adapter_dir, Path(tmp) / "adapter"))
+
+
+def backbone_fingerprint(path: str | Path) -> str:
+    """sha256 of the backbone's config/tokenizer contents plus each weight file's name and size.
+
+    Cheap on a 30 GB folder (no weight bytes are read) and stable across copies of the same files.
+    """
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.suffix in (".json", ".txt", ".model"):
+            h.update(p.read_bytes())
+        else:
+            h.update(str(p.stat().st_size).encode())
+    return h.hexdigest()
+
+
+# --- the pyfunc model ------------------------------------------------------------------------------------------
+
+
+def model_signature() -> ModelSignature:
+    """Inputs: ``video`` (path), ``prompt``, optional ``output`` and sampling overrides; output: the path."""
+    inputs = [
+        ColSpec("string", "video"),
+        ColSpec("string", "prompt"),
+        ColSpec("string", "output", required=False),
+    ]
+    inputs += [ColSpec(kind, name, required=False) for name, kind in OVERRIDE_COLUMNS.items()]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("string", "output")]))
+
+
+def input_example() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "video": ["input.mp4"],
+            "prompt": ["anime style. a wolf walking in the snow"],
+            "output": ["output.mp4"],
+        }
+    )
+
+
+def _present(value: Any) -> bool:
+    if value is None:
+        return False
+    return not (isinstance(value, float) and math.isnan(value))
+
+
+class PickStyleModel(mlflow.pyfunc.PythonModel):
+    """Stylize videos with a registered adapter: ``predict(DataFrame[video, prompt, output?, ...]) -> [path]``.
+
+    The pipeline (backbone + adapter) is loaded once, on the first call, and reused.
+    """
+
+    def load_context(self, context: Any) -> None:
+        artifacts = context.artifacts
+        self.adapter_dir = Path(artifacts["adapter"])
+        self.params = parse_params(json.loads(Path(artifacts["params"]).read_text()), "registered params")
+        backbone = artifacts.get("backbone")
+        if backbone is None:  # real profiles: the backbone stays where it was recorded
+            from pickstyle.model.components import backbone_path
+
+            backbone = backbone_path(self.params)
+        self.backbone_dir = Path(backbone)
+        self._pipe = None
+
+    def _pipeline(self, sample: Sample) -> Any:
+        if self._pipe is None:
+            from pickstyle.files import resolve_device
+            from pickstyle.model.adapters import load_adapter
+            from pickstyle.model.components import load_pipeline
+            from pickstyle.model.pipeline import PickStylePipeline
+
+            self._pipe = load_pipeline(
+                self.backbone_dir,
+                device=resolve_device(sample.device),
+                dtype=self.params.model.dtype,
+                pipeline_cls=PickStylePipeline,
+            )
+            self._adapter_name = load_adapter(self._pipe, self.adapter_dir, scale=sample.adapter_scale)
+        self._pipe.set_adapters([self._adapter_name], [sample.adapter_scale])
+        return self._pipe
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        """Stylize each row's ``video`` with its ``prompt``; returns the written mp4 paths, in row order.
+
+        A missing ``output`` goes to a fresh temporary folder as ``<stem>.pickstyle.mp4``. Optional columns (and
+        MLflow inference ``params``) override the registered sampling settings: steps, guidance, t_guide, c_guide,
+        skip, scheduler, shift, negative_prompt, adapter_scale, seed, max_frames.
+        """
+        outputs = []
+        for row in model_input.to_dict(orient="records"):
+            settings = {**(params or {}), **{k: v for k, v in row.items() if _present(v)}}
+            if not settings.get("video") or not settings.get("prompt"):
+                raise RegistryError("each row needs a video path and a prompt")
+            outputs.append(str(self._stylize_row(settings)))
+        return outputs
+
+    def _stylize_row(self, settings: dict[str, Any]) -> Path:
+        from pickstyle.data.video import read_video, resize_cover_crop, write_video
+        from pickstyle.stylize import blend_windows, plan_windows, stylize_frames
+
+        sample_fields = set(Sample.model_fields)
+        overrides = {k: v for k, v in settings.items() if k in sample_fields}
+        sample = self.params.sample.model_copy(update=overrides)
+        sample = Sample.model_validate(sample.model_dump())  # validate overrides (guidance names, types)
+        video = Path(settings["video"])
+        output = settings.get("output")
+        output = (
+            Path(output)
+            if output
+            else Path(tempfile.mkdtemp(prefix="pickstyle-")) / f"{video.stem}.pickstyle.mp4"
+        )
+        seed = int(settings.get("seed", 0))
+        max_frames = int(settings["max_frames"]) if settings.get("max_frames") else None
+        profile = self.params.active
+
+        frames, fps = read_video(video, max_frames=max_frames)
+        fitted = resize_cover_crop(frames, profile.height, profile.width)
+        pipe = self._pipeline(sample)
+        results = [
+            (
+                (s, e),
+                stylize_frames(
+                    pipe, fitted[s:e], settings["prompt"], sample, seed, profile.height, profile.width
+                ),
+            )
+            for s, e in plan_windows(len(fitted), profile.frames, sample.window_overlap)
+        ]
+        styled = results[0][1] if len(results) == 1 else blend_windows(results, len(fitted))
+        return Path(write_video(output, styled, fps))
+
+
+# --- register --------------------------------------------------------------------------------------------------
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def gate_passes(
+    value: float | None, champion_value: float | None, higher_is_better: bool = True, margin: float = 0.0
+) -> bool:
+    """Does a challenger with ``value`` replace a champion with ``champion_value``?
+
+    No champion value (none yet, or it was never measured) -> yes; no (or NaN) challenger value -> no;
+    otherwise the challenger must be better by at least ``margin``.
+    """
+    if champion_value is None or not math.isfinite(champion_value):
+        return True
+    if value is None or not math.isfinite(value):
+        return False
+    gain = value - champion_value if higher_is_better else champion_value - value
+    return gain >= margin
+
+
+def _read_metrics(params: Params) -> dict[str, float]:
+    path = Path(params.paths.eval) / "metrics.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit, so MLflow does not load the model in a subprocess to infer them.
+    import diffusers
+    import torch
+
+    return [
+        f"pickstyle=={pickstyle.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"diffusers=={diffusers.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+    ]
+
+
+def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Register ``<models>/adapter`` as a new version of ``register.model_name`` (unless already registered).
+
+    Sets ``@challenger`` on the new version and moves ``@champion`` when :func:`gate_passes` on
+    ``register.gate_metric`` from ``<eval>/metrics.json`` (the first version always becomes champion).
+
+    Args:
+        params: the project params.
+        flow_run_id: the Prefect flow run that registers (a tag), if any.
+
+    Returns:
+        name, version, created (False when the adapter was registered before), promoted, champion, challenger,
+        gate (metric, value, champion value, margin), adapter_sha256, run_id, model_uri; also written to
+        ``<models>/registered.json``.
+    """
+    cfg = params.register
+    name = cfg.model_name
+    adapter_dir = Path(params.paths.models) / "adapter"
+    with tempfile.TemporaryDirectory(prefix="pickstyle-register-") as tmp:
+        staged = stage_adapter(adapter_dir, Path(tmp) / "adapter")  # fails before MLflow is touched
+        sha = sha256_tree(staged)
+        use_tracking(params)
+        client = MlflowClient()
+        try:
+            client.create_registered_model(name, description="PickStyle context-style adapters (pickstyle)")
+        except MlflowException as err:
+            if "already exists" not in str(err).lower():
+                raise
+        known = client.search_model_versions(f"name='{name}' and tags.adapter_sha256='{sha}'")
+        if known:
+            version = min(known, key=lambda v: int(v.version))
+            summary = _summary(client, name, version.version, created=False, promoted=False, sha=sha, gate={})
+            write_json(Path(params.paths.models) / "registered.json", summary)
+            return summary
+
+        metrics = _read_metrics(params)
+        value = metrics.get(cfg.gate_metric)
+        champion = _alias_version(client, name, CHAMPION)
+        champion_value = None
+        if champion is not None:
+            raw = champion.tags.get(f"eval.{cfg.gate_metric}")
+            champion_value = float(raw) if raw not in (None, "") else None
+        passed = champion is None or gate_passes(value, champion_value, cfg.higher_is_better, cfg.gate_margin)
+        gate = {
+            "metric": cfg.gate_metric,
+            "value": value,
+            "champion_version": champion.version if champion is not None else None,
+            "champion_value": champion_value,
+            "higher_is_better": cfg.higher_is_better,
+            "margin": cfg.gate_margin,
+            "passed": passed,
+        }
+
+        tags = provenance_tags(params, flow_run_id)
+        tags["adapter_sha256"] = sha
+        tags.update({f"eval.{k}": repr(v) for k, v in metrics.items()})
+        tags["gate_metric"] = cfg.gate_metric
+        tags["gate_passed"] = str(passed).lower()
+        artifacts = {"adapter": str(staged), "params": str(Path(tmp) / "params.json")}
+        recorded = params
+        if params.active.backbone == "tiny":
+            from pickstyle.model.components import backbone_path, ensure_backbone, missing_files
+
+            # The register stage depends on models/backbone, so it is normally there; build it only if not.
+            backbone = backbone_path(params)
+            if missing_files(backbone):
+                backbone = ensure_backbone(params)
+            artifacts["backbone"] = str(backbone)
+            tags["backbone_sha256"] = sha256_tree(backbone)
+        else:
+            from pickstyle.model.components import backbone_path
+
+            backbone = backbone_path(params).resolve()
+            tags["backbone_path"] = str(backbone)
+            tags["backbone_fingerprint"] = backbone_fingerprint(backbone)
+            # the model must find the backbone from any working directory
+            recorded = params.model_copy(
+                update={"model": params.model.model_copy(update={"path": str(backbone)})}
+            )
+        write_json(Path(tmp) / "params.json", recorded.model_dump(mode="json"))
+
+        experiment_id = ensure_experiment(params, cfg.experiment)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{sha[:12]}", tags=tags) as run:
+            mlflow.log_params(
+                {
+                    "profile": params.profile,
+                    "backbone": params.active.backbone,
+                    "frames": params.active.frames,
+                    "height": params.active.height,
+                    "width": params.active.width,
+                    **{f"sample.{k}": v for k, v in params.sample.model_dump(mode="json").items()},
+                }
+            )
+            mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+            model_dir = Path(tmp) / "model"
+            code = Path(tmp) / "pickstyle_model.py"
+            code.write_text(
+                '"""MLflow models-from-code entry: the PickStyle pyfunc."""\n'
+                "import mlflow\n\nfrom pickstyle.registry import PickStyleModel\n\n"
+                "mlflow.models.set_model(PickStyleModel())\n"
+            )
+            mlflow.pyfunc.save_model(
+                model_dir,
+                python_model=str(code),
+                artifacts=artifacts,
+                signature=model_signature(),
+                input_example=input_example(),
+                pip_requirements=_pip_requirements(),
+                metadata={"adapter_sha256": sha, "profile": params.profile},
+            )
+            # save_model + log_artifacts (not log_model): log_model would load the pipeline and stylize the
+            # input example (a path that does not exist) to "validate" it.
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            run_id = run.info.run_id
+        version = client.create_model_version(
+            name, source=f"{client.get_run(run_id).info.artifact_uri}/model", run_id=run_id, tags=tags
+        )
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        if passed:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+        summary = _summary(
+            client, name, version.version, created=True, promoted=passed, sha=sha, gate=gate, run_id=run_id
+        )
+    # The register stage's DVC output: what was registered (the retrain flow and users read it).
+    write_json(Path(params.paths.models) / "registered.json", summary)
+    return summary
+
+
+def _summary(
+    client: MlflowClient,
+    name: str,
+    version: str | int,
+    *,
+    created: bool,
+    promoted: bool,
+    sha: str,
+    gate: dict[str, Any],
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    aliases = client.get_registered_model(name).aliases  # {alias: version}
+    champion = aliases.get(CHAMPION)
+    return {
+        "name": name,
+        "version": int(version),
+        "created": created,
+        "promoted": promoted,
+        "champion": int(champion) if champion is not None else None,
+        "challenger": int(aliases[CHALLENGER]) if CHALLENGER in aliases else None,
+        "aliases": sorted(a for a, v in aliases.items() if int(v) == int(version)),
+        "adapter_sha256": sha,
+        "gate": gate,
+        "run_id": run_id,
+        "model_uri": f"models:/{name}/{version}",
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }
+
+
+def find_versions(params: Params | None, name: str, **tags: str) -> list[dict[str, Any]]:
+    """Versions of ``name`` whose tags equal ``tags`` (e.g. ``dvc_exp_name=...``), newest first, with aliases."""
+    use_tracking(params)
+    client = MlflowClient()
+    query = " and ".join([f"name='{name}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
+    try:
+        versions = client.search_model_versions(query)
+    except MlflowException:
+        return []
+    aliases = client.get_registered_model(name).aliases if versions else {}
+    out = []
+    for v in sorted(versions, key=lambda v: -int(v.version)):
+        out.append(
+            {
+                "name": name,
+                "version": int(v.version),
+                "aliases": sorted(a for a, n in aliases.items() if int(n) == int(v.version)),
+                "tags": dict(v.tags),
+            }
+        )
+    return out
+
+
+# --- load ------------------------------------------------------------------------------------------------------
+
+
+def load_registered(
+    model_uri: str, params: Params | None = None, dst_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Download a registered PickStyle model and say where its parts are.
+
+    Args:
+        model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow model URI / local model folder.
+        params: only for the tracking URI (default: ``PICKSTYLE_MLFLOW_URI``/``MLFLOW_TRACKING_URI`` or
+            ``./mlflow.db``).
+        dst_path: download here (default: MLflow's choice; a local artifact store is read in place).
+
+    Returns:
+        adapter_dir, backbone_dir (the copied tiny backbone, or the recorded path for real profiles), params (the
+        registered params as a dict), sample (their sampling settings), model_dir, model_uri.
+    """
+    local = Path(model_uri)
+    uri = tracking_uri(params)
+    if (
+        not local.is_dir()
+        and uri.startswith("sqlite:///")
+        and not Path(uri.removeprefix("sqlite:///")).is_file()
+    ):
+        raise RegistryError(
+            f"{model_uri}: no MLflow database at {uri.removeprefix('sqlite:///')} (run from the project folder, "
+            "or set PICKSTYLE_MLFLOW_URI)"
+        )
+    use_tracking(params)
+    try:
+        model_dir = (
+            local
+            if local.is_dir()
+            else Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=str(dst_path) if dst_path else None
+                )
+            )
+        )
+    except MlflowException as err:
+        raise RegistryError(f"{model_uri}: cannot load the registered model ({err.message})") from None
+    conf = mlflow.models.Model.load(model_dir / "MLmodel").flavors.get("python_function", {})
+    artifacts = {k: model_dir / v["path"] for k, v in (conf.get("artifacts") or {}).items()}
+    if "adapter" not in artifacts or "params" not in artifacts:
+        raise RegistryError(f"{model_uri}: not a PickStyle model (no adapter/params artifacts)")
+    registered = json.loads(artifacts["params"].read_text())
+    backbone = artifacts.get("backbone")
+    if backbone is None:
+        from pickstyle.model.components import backbone_path
+
+        backbone = backbone_path(parse_params(registered, "registered params"))
+    return {
+        "adapter_dir": str(artifacts["adapter"]),
+        "backbone_dir": str(backbone),
+        "params": registered,
+        "sample": registered.get("sample", {}),
+        "model_dir": str(model_dir),
+        "model_uri": model_uri,
+    }
+
+
+__all__ = [
+    "PickStyleModel",
+    "RegistryError",
+    "adapter_sha256",
+    "artifact_root",
+    "ensure_experiment",
+    "find_versions",
+    "gate_passes",
+    "load_registered",
+    "provenance_tags",
+    "register",
+    "tracking_uri",
+]
