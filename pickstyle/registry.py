@@ -299,8 +299,7 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
         return outputs
 
     def _stylize_row(self, settings: dict[str, Any]) -> Path:
-        from pickstyle.data.video import read_video, resize_cover_crop, write_video
-        from pickstyle.stylize import blend_windows, plan_windows, stylize_frames
+        from pickstyle.stylize import read_fitted, render_fitted
 
         sample_fields = set(Sample.model_fields)
         overrides = {k: v for k, v in settings.items() if k in sample_fields}
@@ -317,20 +316,11 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
         max_frames = int(settings["max_frames"]) if settings.get("max_frames") else None
         profile = self.params.active
 
-        frames, fps = read_video(video, max_frames=max_frames)
-        fitted = resize_cover_crop(frames, profile.height, profile.width)
+        fitted, fps, region = read_fitted(video, profile.height, profile.width, "crop", max_frames)
         pipe = self._pipeline(sample)
-        results = [
-            (
-                (s, e),
-                stylize_frames(
-                    pipe, fitted[s:e], settings["prompt"], sample, seed, profile.height, profile.width
-                ),
-            )
-            for s, e in plan_windows(len(fitted), profile.frames, sample.window_overlap)
-        ]
-        styled = results[0][1] if len(results) == 1 else blend_windows(results, len(fitted))
-        return Path(write_video(output, styled, fps))
+        return render_fitted(
+            pipe, fitted, fps, region, output, settings["prompt"], sample, seed, length=profile.frames
+        )
 
 
 # --- register --------------------------------------------------------------------------------------------------

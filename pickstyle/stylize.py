@@ -249,7 +249,6 @@ def stylize_file(
     Returns:
         ``output`` as a Path.
     """
-    from pickstyle.data.video import write_video
     from pickstyle.files import resolve_device
     from pickstyle.model.components import load_pipeline
     from pickstyle.model.pipeline import PickStylePipeline
@@ -298,6 +297,43 @@ def stylize_file(
 
         load_adapter(pipe, adapter_dir, scale=sample.adapter_scale)
 
+    return render_fitted(
+        pipe, fitted, fps, region, output, prompt, sample, seed, length=length, side_by_side=side_by_side
+    )
+
+
+def render_fitted(
+    pipe: Any,
+    fitted: np.ndarray,
+    fps: float,
+    region: tuple[slice, slice],
+    output: str | Path,
+    prompt: str,
+    sample: Sample,
+    seed: int = 0,
+    *,
+    length: int,
+    side_by_side: bool = False,
+) -> Path:
+    """Stylize frames already fitted to the model size (:func:`read_fitted`) in windows and write the mp4.
+
+    Shared by :func:`stylize_file` and the registered MLflow model, which keeps its pipeline loaded.
+
+    Args:
+        pipe: a loaded :class:`~pickstyle.model.pipeline.PickStylePipeline` (adapter, if any, already set).
+        fitted: uint8 ``[T, H, W, 3]`` at the model size.
+        fps: output frame rate (the source's).
+        region: the rows/columns of real content (``pad`` letterbox bars are cut off again).
+        output: the mp4 to write (atomically).
+        prompt: the style prompt.
+        sample: sampling settings.
+        seed: noise and null-context seed (the same for every window).
+        length: frames per window (the profile's clip length, 4n+1).
+        side_by_side: write source | result.
+    """
+    from pickstyle.data.video import write_video
+
+    height, width = fitted.shape[1:3]
     show = sys.stderr.isatty()
     pipe.set_progress_bar_config(disable=not show, desc="steps", leave=False)
     windows = plan_windows(len(fitted), length, sample.window_overlap)

@@ -95,7 +95,9 @@ class ShardSink:
             self._flush()
 
 
-def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str, shard_size: int = 64) -> list[Path]:
+def write_shards(
+    samples: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str, shard_size: int = 64
+) -> list[Path]:
     """Write all ``samples`` as shards; returns the shard paths."""
     with ShardSink(out_dir, prefix, shard_size) as sink:
         for s in samples:

@@ -1,0 +1,626 @@
+"""Stage ``clips``: still pairs -> synthetic camera-motion clip pairs, plus held-out object-motion test clips.
+
+Outputs (all WebDataset shards with ``src.mp4``, ``style.mp4`` and ``json``):
+
+* ``<paths.data>/clips/clips-%06d.tar`` — ``clips.variants`` motion variants per pair (``kind="pair"``): the same
+  trajectory (:mod:`pickstyle.data.motion`) on the source and the style image; then optional real-video
+  ``"reconstruct."`` clips from ``clips.reconstruct_dir`` (``kind="reconstruct"``, target = source).
+* ``<paths.data>/testclips/testclips-%06d.tar`` — procedural scenes built from the built-in photos: a background
+  with parallax and ``clips.test_objects`` cut-out objects that translate, rotate and scale independently, with
+  the exact ground-truth style clip (the built-in style applied per frame); ``kind="test"``, always lossless.
+  Never used for training.
+* ``<paths.data>/clips/preview.gif`` (rows of source | style) and ``manifest.json`` in both folders.
+
+Work is cut into chunks of at most ``clips.shard_size`` clips; each chunk renders and writes its own shard
+(``<prefix>-<chunk>.tar``), so ``map_fn`` can spread chunks over threads, processes or a Dask cluster (shared
+filesystem) and memory stays bounded. Every random draw is seeded from ``params.seed`` and the pair key, and
+x264 runs single-threaded, so the same params give the same shards on any worker count.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pickstyle.config import Params
+from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, render_pair
+from pickstyle.data.shards import ShardError, iter_samples, list_shards, remove_shards, write_shards
+from pickstyle.data.video import VideoError, encode_video, read_video, resize_cover_crop
+from pickstyle.errors import PickstyleError
+from pickstyle.files import atomic_path, write_json
+
+PREFIX = "clips"
+TEST_PREFIX = "testclips"
+PAIRS_PREFIX = "pairs"
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".gif", ".mkv", ".avi", ".m4v")
+#: Widest preview cell (each row is source | style); keeps the GIF small at 832 px.
+PREVIEW_CELL_WIDTH = 192
+
+MapFn = Callable[[Callable[[dict], dict], list[dict]], list[dict]]
+
+
+class ClipsError(PickstyleError):
+    """The clips stage cannot run (bad config, missing inputs); the message names the key or file."""
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def job_seed(seed: int, *parts: str | int) -> int:
+    """Independent seed per (params seed, parts): a clip never depends on how many others exist."""
+    words = [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def _decode_png(data: bytes, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB")).copy()
+    except Exception as err:  # PIL raises many types for broken data
+        raise ShardError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
+
+
+def _settings(params: Params) -> dict[str, Any]:
+    """The plain values a render worker needs (small, picklable, JSON-able for Prefect task inputs)."""
+    c, p = params.clips, params.active
+    return {
+        "seed": params.seed,
+        "frames": p.frames,
+        "height": p.height,
+        "width": p.width,
+        "fps": p.fps,
+        "variants": c.variants,
+        "mix": dict(c.motion_mix),
+        "static_prob": c.static_prob,
+        "flip_prob": c.flip_prob,
+        "crop_min": c.crop_min,
+        "photometric": c.source_photometric,
+        "lossless": c.quality == "lossless",
+        "crf": c.crf,
+        "test_objects": c.test_objects,
+        "styles": list(params.pairs.styles),
+        "recon_description": c.reconstruct_description,
+        "recon_max_windows": c.reconstruct_max_windows,
+    }
+
+
+def _write_chunk(samples: list[dict[str, Any]], out_dir: str, prefix: str, index: int) -> str:
+    """Write one chunk as ``<prefix>-<index>.tar`` (atomically: a temp folder, then a rename)."""
+    final = Path(out_dir) / f"{prefix}-{index:06d}.tar"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-{index:06d}.", dir=out_dir))
+    try:
+        (written,) = write_shards(samples, tmp, prefix, shard_size=max(1, len(samples)))
+        os.replace(written, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final.name
+
+
+def _clip_sample(
+    key: str, src: np.ndarray, style: np.ndarray | None, meta: dict, s: dict, lossless: bool
+) -> dict:
+    src_mp4 = encode_video(src, s["fps"], crf=s["crf"], lossless=lossless)
+    style_mp4 = src_mp4 if style is None else encode_video(style, s["fps"], crf=s["crf"], lossless=lossless)
+    meta = {
+        **meta,
+        "frames": int(src.shape[0]),
+        "height": int(src.shape[1]),
+        "width": int(src.shape[2]),
+        "fps": s["fps"],
+        "codec": "libx264rgb" if lossless else "libx264",
+        "lossless": lossless,
+        "crf": 0 if lossless else s["crf"],
+    }
+    return {
+        "__key__": key,
+        "src.mp4": src_mp4,
+        "style.mp4": style_mp4,
+        "json": json.dumps(meta, sort_keys=True),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- pairs
+def _list_pairs(pairs_dir: Path) -> list[tuple[str, str]]:
+    """``(shard, key)`` of every pair, from the tar headers only; a broken shard raises naming it."""
+    try:
+        shards = list_shards(pairs_dir, PAIRS_PREFIX)
+    except ShardError as err:
+        raise ClipsError(f"{err} (the clips stage reads the pairs stage's output)") from None
+    out = []
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r") as tar:
+                names = tar.getnames()
+        except (OSError, tarfile.TarError) as err:
+            raise ShardError(f"{shard}: not a readable tar shard ({err})") from None
+        parts: dict[str, set[str]] = {}
+        for name in names:
+            key, _, ext = name.partition(".")
+            parts.setdefault(key, set()).add(ext)
+        for key, exts in parts.items():
+            missing = {"src.png", "style.png", "json"} - exts
+            if missing:
+                raise ShardError(f"{shard}: sample {key} lacks {', '.join(sorted(missing))}")
+            out.append((str(shard), key))
+    return out
+
+
+def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
+    s = job["settings"]
+    wanted: dict[str, dict[str, list[int]]] = {}
+    for shard, key, variant in job["items"]:
+        wanted.setdefault(shard, {}).setdefault(key, []).append(variant)
+    samples, motions = [], Counter()
+    for shard, keys in wanted.items():
+        found = set()
+        for sample in iter_samples([shard]):
+            key = sample["__key__"]
+            if key not in keys:
+                continue
+            found.add(key)
+            where = f"{shard}: sample {key}"
+            try:
+                meta = json.loads(sample["json"])
+            except (KeyError, ValueError) as err:
+                raise ShardError(f"{where}: bad json ({err})") from None
+            for part, field in (("src.png", "src_sha256"), ("style.png", "style_sha256")):
+                want = meta.get(field)
+                if want and hashlib.sha256(sample[part]).hexdigest() != want:
+                    raise ShardError(f"{where}: {part} does not match its sha256 (corrupt shard)")
+            src = _decode_png(sample["src.png"], f"{where} src.png")
+            style = _decode_png(sample["style.png"], f"{where} style.png")
+            if src.shape != style.shape:
+                raise ShardError(f"{where}: src {src.shape} and style {style.shape} differ in size")
+            for v in keys[key]:
+                spec = draw_spec(
+                    job_seed(s["seed"], key, v),
+                    mix=s["mix"],
+                    static_prob=s["static_prob"],
+                    flip_prob=s["flip_prob"],
+                    crop_min=s["crop_min"],
+                    photometric=s["photometric"],
+                )
+                src_clip, style_clip = render_pair(src, style, spec, s["frames"], s["height"], s["width"])
+                clip_meta = {
+                    "kind": "pair",
+                    "caption": meta.get("caption", ""),
+                    "style": meta.get("style", ""),
+                    "style_name": meta.get("style_name", meta.get("style", "")),
+                    "source_id": meta.get("source_id", key),
+                    "pair_key": key,
+                    "variant": v,
+                    "motion": spec,
+                }
+                samples.append(_clip_sample(f"{key}_m{v}", src_clip, style_clip, clip_meta, s, s["lossless"]))
+                motions[spec["motion"]["kind"]] += 1
+        lost = set(keys) - found
+        if lost:
+            raise ShardError(f"{shard}: sample(s) {', '.join(sorted(lost))} listed but not readable")
+    shard_name = _write_chunk(samples, job["out_dir"], job["prefix"], job["index"])
+    return {"shard": shard_name, "keys": [x["__key__"] for x in samples], "motions": dict(motions)}
+
+
+# --------------------------------------------------------------------------------------------------- reconstruct
+def _video_fps(path: Path) -> float | None:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            return float(rate) if rate and stream.codec_context.name != "gif" else None
+    except Exception:  # read_video reports unreadable files properly
+        return None
+
+
+def _render_reconstruct(job: dict[str, Any]) -> dict[str, Any]:
+    """Windows of T frames (resampled to the profile's fps) from each real video; target = source."""
+    s = job["settings"]
+    T, n_windows = s["frames"], s["recon_max_windows"]
+    samples = []
+    for path_str in job["items"]:
+        path = Path(path_str)
+        fps_in = _video_fps(path)
+        # decode only what the windows need (long 1080p videos would not fit in memory)
+        limit = math.ceil(n_windows * T * fps_in / s["fps"]) + 1 if fps_in else None
+        frames, fps_in = read_video(path, max_frames=limit)
+        idx = np.floor(np.arange(0, len(frames) * s["fps"] / fps_in) * fps_in / s["fps"]).astype(int)
+        idx = idx[idx < len(frames)]
+        sidecar = path.with_suffix(".txt")
+        description = (
+            sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else s["recon_description"]
+        )
+        starts = list(range(0, max(1, len(idx) - T + 1), T))[:n_windows]
+        for w, start in enumerate(starts):
+            window = idx[start : start + T]
+            # a video shorter than one clip repeats its last frame, as the reference does
+            window = (
+                np.concatenate([window, np.full(T - len(window), window[-1])]) if len(window) < T else window
+            )
+            clip = resize_cover_crop(frames[window], s["height"], s["width"])
+            meta = {
+                "kind": "reconstruct",
+                "caption": f"reconstruct. {description}".strip(),
+                "style": "reconstruct",
+                "style_name": "reconstruct",
+                "source_id": path.name,
+                "pair_key": _slug(path.stem),
+                "variant": w,
+                "motion": {
+                    "kind": "real",
+                    "video": path.name,
+                    "start_frame": int(window[0]),
+                    "fps_in": fps_in,
+                },
+            }
+            samples.append(
+                _clip_sample(f"recon_{_slug(path.stem)}_{w:03d}", clip, None, meta, s, s["lossless"])
+            )
+    shard_name = _write_chunk(samples, job["out_dir"], job["prefix"], job["index"])
+    return {"shard": shard_name, "keys": [x["__key__"] for x in samples], "motions": {"real": len(samples)}}
+
+
+# --------------------------------------------------------------------------------------------------- test scenes
+@functools.cache
+def _photos() -> tuple[tuple[str, str, np.ndarray], ...]:
+    """The built-in photos (id, description, RGB) listed by the pairs stage, loaded offline from scikit-image."""
+    import skimage.data
+
+    from pickstyle.data.pairs import BUILTIN_PHOTOS
+
+    out = []
+    for photo in BUILTIN_PHOTOS:
+        try:
+            img = getattr(skimage.data, photo.loader)()
+        except Exception:  # a photo that would need a download: skip it
+            continue
+        img = np.asarray(img[0] if isinstance(img, tuple) else img)
+        img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+        out.append((photo.id, photo.description, np.ascontiguousarray(img.astype(np.uint8))))
+    if not out:
+        raise ClipsError("no built-in photo could be loaded from scikit-image for the test clips")
+    return tuple(out)
+
+
+def _affine(center: np.ndarray, angle: float, scale: float, pivot: np.ndarray) -> np.ndarray:
+    """2x3 matrix: rotate/scale about ``pivot`` (patch coords), then put the pivot at ``center`` (canvas)."""
+    m = cv2.getRotationMatrix2D((float(pivot[0]), float(pivot[1])), angle, scale)
+    m[:, 2] += center - pivot
+    return m
+
+
+def draw_scene(index: int, s: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able spec of test scene ``index``: photos, camera pan, and each object's crop and path."""
+    rng = np.random.default_rng(job_seed(s["seed"], "test", index))
+    photos = _photos()
+    n = len(photos)
+    h, w = s["height"], s["width"]
+    objects = []
+    for j in range(s["test_objects"]):
+        pid = int(rng.integers(n))
+        ph, pw = photos[pid][2].shape[:2]
+        side = float(rng.uniform(0.2, 0.4)) * min(ph, pw)
+        x0, y0 = float(rng.uniform(0, pw - side)), float(rng.uniform(0, ph - side))
+        objects.append(
+            {
+                "photo": photos[pid][0],
+                "crop": [x0, y0, x0 + side, y0 + side],
+                "shape": ["ellipse", "rounded_rect", "diamond"][j % 3],
+                "size": float(rng.uniform(0.3, 0.45)) * min(h, w),
+                "start": [float(rng.uniform(0.15, 0.85)) * w, float(rng.uniform(0.2, 0.8)) * h],
+                "end": [float(rng.uniform(0.15, 0.85)) * w, float(rng.uniform(0.2, 0.8)) * h],
+                "angle": [float(rng.uniform(-30, 30)), float(rng.uniform(-60, 60))],
+                "scale": [float(rng.uniform(0.7, 1.0)), float(rng.uniform(0.8, 1.3))],
+            }
+        )
+    return {
+        "kind": "scene",
+        "index": index,
+        "style": s["styles"][index % len(s["styles"])],
+        "background": photos[index % n][0],
+        "ground": photos[(index + 3) % n][0],
+        # camera pan in output pixels over the clip; the ground moves with it, the background at half speed
+        "pan": [float(rng.uniform(-0.15, 0.15)) * w, float(rng.uniform(-0.05, 0.05)) * h],
+        "ground_height": float(rng.uniform(0.25, 0.4)),
+        "objects": objects,
+    }
+
+
+def _object_mask(shape: str, size: int) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    c, r = size // 2, size // 2 - 1
+    if shape == "ellipse":
+        cv2.ellipse(mask, (c, c), (r, int(r * 0.7)), 0, 0, 360, 255, -1, cv2.LINE_AA)
+    elif shape == "diamond":
+        pts = np.array([[c, 1], [size - 2, c], [c, size - 2], [1, c]], np.int32)
+        cv2.fillConvexPoly(mask, pts, 255, cv2.LINE_AA)
+    else:
+        q = size // 5
+        cv2.rectangle(mask, (q, 1), (size - 1 - q, size - 2), 255, -1)
+        cv2.rectangle(mask, (1, q), (size - 2, size - 1 - q), 255, -1)
+        for x, y in ((q, q), (size - 1 - q, q), (q, size - 1 - q), (size - 1 - q, size - 1 - q)):
+            cv2.circle(mask, (x, y), q - 1, 255, -1, cv2.LINE_AA)
+    return mask
+
+
+def render_scene(spec: dict[str, Any], frames: int, height: int, width: int) -> np.ndarray:
+    """Render a test scene spec: background (parallax), ground layer and moving cut-outs, ``[T, h, w, 3]`` uint8."""
+    photos = {pid: img for pid, _, img in _photos()}
+    h, w = height, width
+    tau = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+    pan = np.array(spec["pan"])
+    margin = np.abs(pan).max() + 2
+    # layers are made larger than the frame by the pan, then translated: no border ever shows
+    big = (h + 2 * int(margin), w + 2 * int(margin))
+    background = resize_cover_crop(photos[spec["background"]], *big)
+    gh = int(spec["ground_height"] * h) + int(margin)
+    ground = resize_cover_crop(photos[spec["ground"]], gh, big[1])
+    xs = np.arange(big[1])
+    edge = (4 + 3 * np.sin(xs / big[1] * 2 * math.pi * 3)).astype(int)  # a wavy horizon
+    ground_alpha = (np.arange(gh)[:, None] >= edge[None, :]).astype(np.float32)
+    ground_alpha = cv2.GaussianBlur(ground_alpha, (3, 3), 0)[..., None]
+    patches = []
+    for obj in spec["objects"]:
+        x0, y0, x1, y1 = (int(round(v)) for v in obj["crop"])
+        size = max(8, int(round(obj["size"])))
+        patch = cv2.resize(photos[obj["photo"]][y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+        patches.append((patch, _object_mask(obj["shape"], size).astype(np.float32) / 255.0, obj))
+    out = np.empty((frames, h, w, 3), np.uint8)
+    for t in range(frames):
+        cam = pan * tau[t]
+        far = _affine(np.array([w / 2, h / 2]) + 0.5 * cam, 0.0, 1.0, np.array([big[1] / 2, big[0] / 2]))
+        canvas = cv2.warpAffine(background, far, (w, h), flags=cv2.INTER_LINEAR).astype(np.float32)
+        near = _affine(np.array([w / 2, h - gh / 2 + margin]) + cam, 0.0, 1.0, np.array([big[1] / 2, gh / 2]))
+        g = cv2.warpAffine(ground, near, (w, h), flags=cv2.INTER_LINEAR).astype(np.float32)
+        ga = cv2.warpAffine(ground_alpha, near, (w, h), flags=cv2.INTER_LINEAR)[..., None]
+        canvas = canvas * (1 - ga) + g * ga
+        for patch, mask, obj in patches:
+            e = 0.5 - 0.5 * math.cos(math.pi * tau[t])  # ease in-out: objects start and stop smoothly
+            center = (1 - e) * np.array(obj["start"]) + e * np.array(obj["end"]) + cam
+            angle = (1 - tau[t]) * obj["angle"][0] + tau[t] * obj["angle"][1]
+            scale = (1 - tau[t]) * obj["scale"][0] + tau[t] * obj["scale"][1]
+            m = _affine(center, angle, scale, np.array([(patch.shape[1] - 1) / 2, (patch.shape[0] - 1) / 2]))
+            o = cv2.warpAffine(patch, m, (w, h), flags=cv2.INTER_LINEAR).astype(np.float32)
+            a = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_LINEAR)[..., None]
+            canvas = canvas * (1 - a) + o * a
+        out[t] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return out
+
+
+def _render_tests(job: dict[str, Any]) -> dict[str, Any]:
+    from pickstyle.data.styles import apply_style, style_caption_name
+
+    s = job["settings"]
+    descriptions = {pid: d for pid, d, _ in _photos()}
+    samples = []
+    for index in job["items"]:
+        spec = draw_scene(index, s)
+        src = render_scene(spec, s["frames"], s["height"], s["width"])
+        style = np.stack([apply_style(spec["style"], f) for f in src])  # exact ground truth, frame by frame
+        name = style_caption_name(spec["style"])
+        meta = {
+            "kind": "test",
+            "caption": f"{name} style. {descriptions[spec['background']]}",
+            "style": spec["style"],
+            "style_name": name,
+            "source_id": spec["background"],
+            "pair_key": f"test_{index:04d}",
+            "variant": 0,
+            "motion": spec,
+        }
+        # lossless: decoding gives the exact frames, so apply_style(decoded src) == decoded style
+        samples.append(_clip_sample(f"test_{index:04d}", src, style, meta, s, lossless=True))
+    shard_name = _write_chunk(samples, job["out_dir"], job["prefix"], job["index"])
+    return {"shard": shard_name, "keys": [x["__key__"] for x in samples], "motions": {"scene": len(samples)}}
+
+
+# --------------------------------------------------------------------------------------------------- stage
+def render_chunk(job: dict[str, Any]) -> dict[str, Any]:
+    """Render one chunk of clips and write it as one shard; returns ``{shard, keys, motions, kind}``.
+
+    A top-level function of plain-dict input, so it can run in a thread, a process or on a Dask worker.
+    """
+    fn = {"pair": _render_pairs, "reconstruct": _render_reconstruct, "test": _render_tests}[job["kind"]]
+    return {**fn(job), "kind": job["kind"], "out_dir": job["out_dir"]}
+
+
+def _serial_map(fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
+    return [fn(item) for item in tqdm(items, desc="clips", unit="shard", mininterval=0.5)]
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def plan_jobs(params: Params) -> list[dict[str, Any]]:
+    """Every render job of the stage (pair chunks, reconstruction videos, test chunks), in shard order."""
+    c, s = params.clips, _settings(params)
+    check_clip_size(s["frames"], s["height"], s["width"])
+    if c.variants < 1:
+        raise ClipsError(f"clips.variants must be >= 1, got {c.variants}")
+    unknown = sorted(set(c.motion_mix) - set(MOTIONS))
+    if unknown:
+        raise ClipsError(f"clips.motion_mix: unknown motion(s) {unknown}; known: {list(MOTIONS)}")
+    if any(v < 0 for v in c.motion_mix.values()) or not 0 <= c.static_prob <= 1:
+        raise ClipsError("clips.motion_mix weights must be >= 0 and clips.static_prob in [0, 1]")
+    data = Path(params.paths.data)
+    out_dir, test_dir = str(data / PREFIX), str(data / TEST_PREFIX)
+    items = [(shard, key, v) for shard, key in _list_pairs(data / PAIRS_PREFIX) for v in range(c.variants)]
+    jobs = [
+        {"kind": "pair", "items": chunk, "out_dir": out_dir, "prefix": PREFIX, "settings": s}
+        for chunk in _chunks(items, c.shard_size)
+    ]
+    if c.reconstruct_dir:
+        root = Path(c.reconstruct_dir)
+        if not root.is_dir():
+            raise ClipsError(f"clips.reconstruct_dir: {root} is not a folder")
+        videos = sorted(str(p) for p in root.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not videos:
+            raise ClipsError(f"clips.reconstruct_dir: no videos ({', '.join(VIDEO_SUFFIXES)}) in {root}")
+        jobs += [
+            {"kind": "reconstruct", "items": [v], "out_dir": out_dir, "prefix": PREFIX, "settings": s}
+            for v in videos
+        ]
+    for i, job in enumerate(jobs):
+        job["index"] = i
+    tests = [
+        {
+            "kind": "test",
+            "items": chunk,
+            "out_dir": test_dir,
+            "prefix": TEST_PREFIX,
+            "settings": s,
+            "index": i,
+        }
+        for i, chunk in enumerate(_chunks(range(c.test_clips), c.shard_size))
+    ]
+    return jobs + tests
+
+
+def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
+    """Build ``<paths.data>/clips`` (training clips + preview) and ``<paths.data>/testclips``.
+
+    Args:
+        params: The run's params (reads ``seed``, ``paths.data``, the active profile, ``clips``, ``pairs.styles``).
+        map_fn: ``map_fn(fn, jobs) -> results`` in job order; default a plain loop with a progress bar. The
+            Prefect flow passes one that maps the jobs over a task runner (threads or Dask).
+
+    Returns:
+        The summary also written to ``clips/manifest.json``.
+
+    Raises:
+        ClipsError: Bad ``clips`` params or missing inputs. ShardError: a corrupt pairs shard (named).
+        VideoError: an unreadable reconstruction video (named).
+    """
+    jobs = plan_jobs(params)  # validates everything before touching the outputs
+    data = Path(params.paths.data)
+    out_dir, test_dir = data / PREFIX, data / TEST_PREFIX
+    for folder, prefix in ((out_dir, PREFIX), (test_dir, TEST_PREFIX)):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_shards(folder, prefix)
+        for stale in folder.glob(f".{prefix}-*"):  # leftovers of an interrupted run
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    results = (map_fn or _serial_map)(render_chunk, jobs)
+
+    train = [r for r in results if r["kind"] != "test"]
+    tests = [r for r in results if r["kind"] == "test"]
+    motions: Counter[str] = Counter()
+    for r in train:
+        motions.update(r["motions"])
+    p = params.active
+    n_pairs = sum(len(r["keys"]) for r in train if r["kind"] == "pair")
+    summary = {
+        "pairs": n_pairs // params.clips.variants,
+        "variants": params.clips.variants,
+        "clips": n_pairs,
+        "reconstruct_clips": sum(len(r["keys"]) for r in train if r["kind"] == "reconstruct"),
+        "test_clips": sum(len(r["keys"]) for r in tests),
+        "frames": p.frames,
+        "height": p.height,
+        "width": p.width,
+        "fps": p.fps,
+        "quality": params.clips.quality,
+        "motions": dict(sorted(motions.items())),
+        "shards": [r["shard"] for r in train],
+        "test_shards": [r["shard"] for r in tests],
+    }
+    preview = write_preview(out_dir, train, params.clips.preview_clips, p.fps)
+    summary["preview"] = preview.name if preview else None
+    write_json(out_dir / "manifest.json", summary)
+    write_json(
+        test_dir / "manifest.json",
+        {k: summary[k] for k in ("test_clips", "frames", "height", "width", "fps", "test_shards")},
+    )
+    print(
+        f"clips: {summary['clips']} pair clips ({summary['pairs']} pairs x {summary['variants']}), "
+        f"{summary['reconstruct_clips']} reconstruct, {summary['test_clips']} test clips "
+        f"({p.frames}x{p.height}x{p.width} @ {p.fps} fps) -> {out_dir}, {test_dir}"
+    )
+    return {**summary, "out_dir": str(out_dir), "test_dir": str(test_dir)}
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def iter_clips(folder: str | Path, prefix: str = PREFIX) -> Iterator[dict[str, Any]]:
+    """Yield the clips of ``folder`` in shard order.
+
+    Yields:
+        ``{"key", "src": uint8 [T, H, W, 3], "style": uint8 [T, H, W, 3], "meta": dict}``.
+
+    Raises:
+        ShardError: No shards, an unreadable shard, or a sample missing a part or holding a broken video.
+    """
+    yield from _iter_clip_shards(list_shards(folder, prefix))
+
+
+def _iter_clip_shards(shards: Sequence[str | Path], keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Decode the clips of ``shards`` (only those in ``keys`` when given)."""
+    for sample in iter_samples(shards):
+        key, url = sample["__key__"], sample.get("__url__", "?")
+        if keys is not None and key not in keys:
+            continue
+        missing = [p for p in ("src.mp4", "style.mp4", "json") if p not in sample]
+        if missing:
+            raise ShardError(f"{url}: sample {key} lacks {', '.join(missing)}")
+        try:
+            src, _ = read_video(sample["src.mp4"])
+            style, _ = read_video(sample["style.mp4"])
+            meta = json.loads(sample["json"])
+        except (VideoError, ValueError) as err:
+            raise ShardError(f"{url}: sample {key}: {err}") from None
+        yield {"key": key, "src": src, "style": style, "meta": meta}
+
+
+def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int) -> Path | None:
+    """``preview.gif``: ``n`` clips spread over the stage's output, one row each (source | style)."""
+    target = out_dir / "preview.gif"
+    keys = [(r["shard"], k) for r in results for k in r["keys"]]
+    if n <= 0 or not keys:
+        target.unlink(missing_ok=True)
+        return None
+    chosen = [
+        keys[i]
+        for i in sorted({round(i * (len(keys) - 1) / max(1, n - 1)) for i in range(min(n, len(keys)))})
+    ]
+    rows = []
+    for shard in dict.fromkeys(s for s, _ in chosen):
+        want = {k for s, k in chosen if s == shard}
+        for clip in _iter_clip_shards([out_dir / shard], keys=want):
+            gap = np.full_like(clip["src"][:, :, :2], 255)
+            rows.append(np.concatenate([clip["src"], gap, clip["style"]], axis=2))
+    t = min(len(r) for r in rows)
+    width = min(rows[0].shape[2], 2 * PREVIEW_CELL_WIDTH + 2)
+    scaled = []
+    for r in rows:
+        h = round(r.shape[1] * width / r.shape[2])
+        scaled.append(np.stack([cv2.resize(f, (width, h), interpolation=cv2.INTER_AREA) for f in r[:t]]))
+    sep = np.full((t, 2, width, 3), 255, np.uint8)
+    grid = np.concatenate([x for r in scaled for x in (r, sep)][:-1], axis=1)
+    images = [Image.fromarray(f) for f in grid]
+    with atomic_path(target) as tmp:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+        )
+    return target
