@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -35,7 +34,11 @@ def _params(args: argparse.Namespace):
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument(
-        "-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a param, e.g. -S train.steps=50 (repeatable)",
     )
 
@@ -46,6 +49,7 @@ def _print(result: Any) -> None:
 
 
 # --- stage commands: each calls one library function -------------------------------------------------------------
+
 
 def cmd_pairs(args: argparse.Namespace) -> None:
     from pickstyle.data.pairs import build_pairs
@@ -105,33 +109,58 @@ def cmd_stylize(args: argparse.Namespace) -> None:
     params = _params(args)
     sample = params.sample.model_copy()
     for field, value in {
-        "steps": args.steps, "guidance": args.guidance, "t_guide": args.t_guide, "c_guide": args.c_guide,
-        "skip": args.skip, "scheduler": args.scheduler, "shift": args.shift,
-        "negative_prompt": args.negative_prompt, "cache_threshold": args.cache_threshold,
-        "adapter_scale": args.adapter_scale, "device": args.device,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "t_guide": args.t_guide,
+        "c_guide": args.c_guide,
+        "skip": args.skip,
+        "scheduler": args.scheduler,
+        "shift": args.shift,
+        "negative_prompt": args.negative_prompt,
+        "cache_threshold": args.cache_threshold,
+        "adapter_scale": args.adapter_scale,
+        "device": args.device,
     }.items():
         if value is not None:
             setattr(sample, field, value)
     if args.sequential:
         sample.batched = False
     out = stylize_file(
-        args.input, args.output, args.prompt, params=params, sample=sample, adapter=args.adapter,
-        model_uri=args.model, side_by_side=args.side_by_side, fit=args.fit, seed=args.seed,
-        max_frames=args.max_frames, on_long=args.long,
+        args.input,
+        args.output,
+        args.prompt,
+        params=params,
+        sample=sample,
+        adapter=args.adapter,
+        model_uri=args.model,
+        side_by_side=args.side_by_side,
+        fit=args.fit,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        on_long=args.long,
     )
     print(out)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "pairs": (cmd_pairs, "stage 1: build paired (source, style, caption) WebDataset shards in data/pairs"),
-    "clips": (cmd_clips, "stage 2: render synthetic camera-motion clips (data/clips) and test clips (data/testclips)"),
-    "backbone": (cmd_backbone, "stage 3a: build the tiny backbone offline, or check a local Wan2.1-VACE folder"),
+    "clips": (
+        cmd_clips,
+        "stage 2: render synthetic camera-motion clips (data/clips) and test clips (data/testclips)",
+    ),
+    "backbone": (
+        cmd_backbone,
+        "stage 3a: build the tiny backbone offline, or check a local Wan2.1-VACE folder",
+    ),
     "latents": (cmd_latents, "stage 3b: encode clips once: target latents, 96-ch context, prompt embeddings"),
     "train": (cmd_train, "stage 4: train the context-style LoRA adapters (models/adapter)"),
     "evaluate": (cmd_evaluate, "stage 5: stylize held-out test clips and score them (eval/)"),
     "register": (cmd_register, "stage 6: register the adapter in MLflow (@challenger, gated @champion)"),
     "stylize": (cmd_stylize, "re-render any video in a style (CS-CFG)"),
-    "import-adapter": (cmd_import_adapter, "convert an official PickStyle .pth checkpoint to a diffusers LoRA folder"),
+    "import-adapter": (
+        cmd_import_adapter,
+        "convert an official PickStyle .pth checkpoint to a diffusers LoRA folder",
+    ),
     "params": (cmd_params, "print the resolved params (defaults + params.yaml + -S overrides)"),
 }
 
@@ -149,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         _add_params_args(p)
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in models/adapter")
+            p.add_argument(
+                "--resume", action="store_true", help="resume from the last checkpoint in models/adapter"
+            )
         elif name == "import-adapter":
             p.add_argument("checkpoint", help="official PickStyle checkpoint (.pth)")
             p.add_argument("-o", "--output", required=True, help="output folder (diffusers LoRA format)")
@@ -176,13 +207,19 @@ def _add_stylize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", help='negative prompt (default: Wan\'s; "" for none)')
     p.add_argument("--cache-threshold", type=float, help="step-cache threshold (0 = off)")
     p.add_argument("--adapter-scale", type=float, help="LoRA scale (0 = base model)")
-    p.add_argument("--sequential", action="store_true", help="run the guidance passes one by one (less memory)")
+    p.add_argument(
+        "--sequential", action="store_true", help="run the guidance passes one by one (less memory)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="noise and null-context seed (default: %(default)s)")
-    p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="resize-to-cover + centre crop, or pad")
+    p.add_argument(
+        "--fit", choices=["crop", "pad"], default="crop", help="resize-to-cover + centre crop, or pad"
+    )
     p.add_argument("--max-frames", type=int, default=None, help="use at most this many input frames")
     p.add_argument(
-        "--long", choices=["windows", "cut"], default="windows",
+        "--long",
+        choices=["windows", "cut"],
+        default="windows",
         help="videos longer than one clip: process in windows, or cut to one clip with a warning",
     )
     p.add_argument("--side-by-side", action="store_true", help="write source | result")

@@ -125,7 +125,7 @@ def iter_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
     for shard in shards:
         shard = str(shard)
         try:
-            with tarfile.open(shard, "r") as tar:
+            with tarfile.open(shard, "r"):  # fail early, naming the shard, when it is not a tar at all
                 pass
         except (OSError, tarfile.TarError) as err:
             raise ShardError(f"{shard}: not a readable tar shard ({err})") from None

@@ -1,0 +1,438 @@
+"""The ``train`` stage: flow-matching maths, deterministic data streams, exact resume, NaN stop, overfitting, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pickstyle import training as tr
+from pickstyle.config import Params, parse_params
+from pickstyle.data.shards import list_shards, write_shards
+from pickstyle.latents import TENSOR_EXT, encode_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Latent geometry of the tiny profile (9 frames at 64x96): f = 3, h = 8, w = 12; text 32 tokens x 32.
+F, H, W, L, D = 3, 8, 12, 32, 32
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Pin torch's intra-op threads: the machine is shared, and oversubscribed threads make tiny ops slow."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _params(root: Path, models: Path, **train) -> Params:
+    base = {"mlflow": False, "checkpoint_every": 0, "log_every": 5, "warmup_steps": 2, "lr": 1e-3}
+    return parse_params(
+        {
+            "paths": {
+                "data": str(root / "data"),
+                "models": str(models),
+                "mlflow_db": str(root / "mlflow.db"),
+                "mlflow_artifacts": str(root / "mlartifacts"),
+            },
+            "train": {**base, **train},
+        }
+    )
+
+
+def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0, seed: int = 0) -> list[Path]:
+    """Latents shards in the ``latents`` stage's format, with random tensors of the tiny profile's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n + recon):
+        kind = "reconstruct" if i >= n else "pair"
+        tensors = {
+            "target": torch.randn(16, F, H, W, generator=g),
+            "context": torch.randn(96, F, H, W, generator=g),
+            "source": torch.randn(16, F, H, W, generator=g),
+            "prompt_embeds": torch.randn(L, D, generator=g),
+        }
+        caption = ("reconstruct. a video" if kind == "reconstruct" else "anime style. a scene") + f" {i}"
+        samples.append(
+            {
+                "__key__": f"{kind}_{i:04d}",
+                TENSOR_EXT: encode_sample(tensors),
+                "json": json.dumps({"caption": caption, "kind": kind}),
+            }
+        )
+    return write_shards(samples, data / "latents", "latents", shard_size=shard_size)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, tiny_backbone: Path) -> tuple[Path, Path]:
+    """(root, models): a fresh ``models`` folder holding a copy of the session's tiny backbone (and its marker)."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_backbone.parent, models)
+    return tmp_path, models
+
+
+# --- maths -------------------------------------------------------------------------------------------------------
+
+
+def test_shift_and_interpolation():
+    u = torch.linspace(0, 1, 101)
+    s = tr.shift_sigmas(u, 5.0)
+    assert s[0] == 0 and s[-1] == 1 and torch.all(s[1:] > s[:-1])
+    assert torch.all(s >= u)  # shift > 1 moves every draw toward high noise
+    assert torch.allclose(tr.shift_sigmas(u, 1.0), u)
+    x0, eps = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    assert torch.equal(tr.add_noise(x0, eps, torch.zeros(2)), x0)
+    assert torch.equal(tr.add_noise(x0, eps, torch.ones(2)), eps)
+    # The target is the velocity d x_t / dσ.
+    sig = torch.tensor([0.3, 0.7])
+    dx = (tr.add_noise(x0, eps, sig + 1e-3) - tr.add_noise(x0, eps, sig - 1e-3)) / 2e-3
+    assert torch.allclose(dx, tr.flow_target(x0, eps), atol=1e-3)
+
+
+def test_bell_weights_peak_mid_schedule_with_mean_one():
+    g = torch.Generator().manual_seed(0)
+    sig = tr.sample_sigmas(200_000, 5.0, g)
+    w = tr.bell_weights(sig, 5.0)
+    assert abs(w.mean().item() - 1.0) < 0.01
+    grid = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    wg = tr.bell_weights(grid, 5.0)
+    assert wg.argmax() == 2 and wg[0].abs() < 1e-6 and wg[-1].abs() < 1e-6
+    assert torch.allclose(wg[1], wg[3])  # symmetric around σ = ½
+    # Normalised for the shift it is drawn with: mean 1 under shift 1 as well.
+    assert abs(tr.bell_weights(tr.sample_sigmas(200_000, 1.0, g), 1.0).mean().item() - 1.0) < 0.01
+
+
+def test_warmup_then_constant():
+    assert [tr.warmup_constant(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert tr.warmup_constant(0, 0) == 1.0
+
+
+def test_fixed_noise_depends_only_on_key():
+    s1, n1 = tr.fixed_noise(["a", "b"], (16, 2, 2, 2), 5.0, seed=0)
+    s2, n2 = tr.fixed_noise(["b", "a"], (16, 2, 2, 2), 5.0, seed=0)
+    assert torch.equal(s1, s2.flip(0)) and torch.equal(n1, n2.flip(0))
+    assert not torch.equal(tr.fixed_noise(["a"], (16, 2, 2, 2), 5.0, seed=1)[1][0], n1[0])
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+def _keys(stream, n):
+    return [next(stream)["__key__"] for _ in range(n)]
+
+
+def test_sample_stream_is_deterministic_and_splits_ranks(tmp_path: Path):
+    shards = _random_latents(tmp_path, n=8, shard_size=2)  # 4 shards
+    first = _keys(tr.sample_stream(shards, seed=3), 16)
+    assert first == _keys(tr.sample_stream(shards, seed=3), 16)
+    assert first != _keys(tr.sample_stream(shards, seed=4), 16)
+    assert sorted(first[:8]) == sorted(first[8:]) == sorted(f"pair_{i:04d}" for i in range(8))  # epochs
+    assert first[:8] != first[8:]  # each epoch reshuffles
+    # skip = resume at a sample position without decoding what came before
+    assert _keys(tr.sample_stream(shards, seed=3, skip=5), 11) == first[5:]
+    for n_shards, size in ((4, 2), (1, 8)):  # by shard (>= world_size shards) and by sample (fewer)
+        shards = _random_latents(tmp_path / f"s{n_shards}", n=8, shard_size=size)
+        env = {}
+        for rank in (0, 1):
+            with pytest.MonkeyPatch.context() as mp:  # wds.split_by_node reads the rank from the environment
+                mp.setenv("RANK", str(rank))
+                mp.setenv("WORLD_SIZE", "2")
+                env[rank] = _keys(tr.sample_stream(shards, seed=0, rank=rank, world_size=2), 4)
+        assert not set(env[0]) & set(env[1])
+        assert sorted(env[0] + env[1]) == sorted(f"pair_{i:04d}" for i in range(8))
+
+
+def test_mixed_stream_recon_ratio(tmp_path: Path):
+    shards = _random_latents(tmp_path, n=6, recon=6)
+    pairs_only = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.0)
+    assert all(next(pairs_only)["__key__"].startswith("pair_") for _ in range(30))
+    mixed = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
+    kinds = [next(mixed)["__key__"].split("_")[0] for _ in range(200)]
+    assert 0.4 < kinds.count("reconstruct") / 200 < 0.6
+    # The position resumes the same sequence.
+    again = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
+    head = [next(again)["__key__"] for _ in range(7)]
+    resumed = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5, position=again.position)
+    rest = [next(resumed)["__key__"] for _ in range(5)]
+    fresh = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
+    assert [next(fresh)["__key__"] for _ in range(12)] == head + rest
+    no_recon = tr.MixedStream(
+        _random_latents(tmp_path / "p", n=4), seed=0, rank=0, world_size=1, recon_ratio=1.0
+    )
+    with pytest.raises(tr.TrainingError, match="reconstruct"):
+        next(no_recon)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+
+def test_only_lora_params_require_grad(workdir):
+    root, models = workdir
+    params = _params(root, models)
+    transformer, pipe = tr._build_model(params, "cpu", "cached")
+    assert pipe is None
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n and ".vace_blocks." in f".{n}" for n in trainable)
+    assert all(".attn1.to_" in n for n in trainable)
+    assert {p.dtype for n, p in transformer.named_parameters() if n in trainable} == {torch.float32}
+    # One training step: gradients reach the adapter and nothing else.
+    x = torch.randn(1, 16, F, H, W)
+    pred = transformer(
+        hidden_states=x,
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, L, D),
+        control_hidden_states=torch.randn(1, 96, F, H, W),
+        control_hidden_states_scale=torch.ones(2),
+        return_dict=False,
+    )[0]
+    tr.flow_matching_loss(pred, x, torch.randn_like(x), torch.ones(1)).backward()
+    with_grad = {n for n, p in transformer.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert any(p.grad.abs().sum() > 0 for n, p in transformer.named_parameters() if n in trainable)
+
+
+def test_resume_is_bit_identical(workdir, tmp_path: Path):
+    root, models = workdir
+    _random_latents(root / "data", n=6, shard_size=3)
+    kw = {"steps": 7, "checkpoint_every": 2, "keep_checkpoints": 2, "lora_dropout": 0.1}
+    with _threads(1):
+        straight = tr.train(_params(root, models, **kw))
+        w_straight = load_file(models / "adapter" / "pytorch_lora_weights.safetensors")
+
+        models_b = tmp_path / "models-b"
+        shutil.copytree(models / "backbone", models_b / "backbone")
+        params_b = _params(root, models_b, **kw)
+        killed = tr.train(params_b, stop_after=5)  # "killed" after step 5: step 5 is lost, step 4 is saved
+        assert killed["stopped"] and killed["steps"] == 5
+        assert not (models_b / "adapter" / "train_summary.json").exists()
+        ckpts = tr.list_checkpoints(models_b / "adapter" / "checkpoints")
+        assert [p.name for p in ckpts] == ["step-2", "step-4"]
+        assert {p.name for p in ckpts[-1].iterdir()} == {
+            "lora.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rank-0.pt",
+            "state.json",
+        }
+        resumed = tr.train(params_b, resume=True)
+    assert resumed["start_step"] == 4 and resumed["steps"] == 7
+    w_resumed = load_file(models_b / "adapter" / "pytorch_lora_weights.safetensors")
+    assert w_straight.keys() == w_resumed.keys()
+    assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
+    assert any(w_straight[k].abs().sum() > 0 for k in w_straight if ".lora_B." in k)  # it did train
+    assert straight["final_loss"] == resumed["final_loss"]
+    with open(models_b / "adapter" / "loss.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 8))
+    # keep_checkpoints=2 prunes the older ones.
+    assert [p.name for p in tr.list_checkpoints(models_b / "adapter" / "checkpoints")] == ["step-4", "step-6"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir):
+    root, models = workdir
+    _random_latents(root / "data", n=4, shard_size=4)
+    # lr 1e37 sends the adapter to inf after the first update: the second forward is NaN.
+    params = _params(root, models, steps=5, checkpoint_every=1, lr=1e37, warmup_steps=0, grad_clip=0.0)
+    with pytest.raises(tr.TrainingError, match=r"step 2: the loss is nan") as info:
+        tr.train(params)
+    assert "step-1" in str(info.value)
+    ckpts = tr.list_checkpoints(models / "adapter" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-1"]
+    assert json.loads((ckpts[0] / "state.json").read_text())["step"] == 1
+    assert not (models / "adapter" / "train_summary.json").exists()
+
+
+def test_outputs_and_mlflow_run(workdir):
+    import mlflow
+
+    root, models = workdir
+    _random_latents(root / "data", n=3, shard_size=3)
+    params = _params(root, models, steps=4, log_every=2, mlflow=True)
+    summary = tr.train(params)
+    out = models / "adapter"
+    for name in ("pytorch_lora_weights.safetensors", "pickstyle_adapter.json", "loss.csv", "loss.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "train_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (
+        summary["lora_params"] == json.loads((out / "pickstyle_adapter.json").read_text())["lora_parameters"]
+    )
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{(root / 'mlflow.db').resolve()}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert {"loss", "lr", "samples_per_s", "final_loss"} <= set(run.data.metrics)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "pickstyle-train"
+    assert experiment.artifact_location == (root / "mlartifacts").resolve().as_uri()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/pytorch_lora_weights.safetensors" in artifacts
+    assert "loss.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+# --- learning must be visible ------------------------------------------------------------------------------------
+
+
+def _styled_clips(n: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """``n`` (source, style, caption) clips of the tiny geometry: a procedural image slid across, then styled."""
+    from pickstyle.data.styles import apply_style
+
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(n):
+        yy, xx = np.mgrid[0:80, 0:128]
+        img = np.stack([(xx * (3 + i) + yy) % 256, (yy * (2 + i)) % 256, ((xx - yy) * (i + 1)) % 256], -1)
+        img = img.astype(np.uint8)
+        for _ in range(4):
+            y0, x0 = rng.integers(0, 60), rng.integers(0, 108)
+            img[y0 : y0 + 20, x0 : x0 + 20] = rng.integers(0, 256, 3)
+        src = np.stack([img[t : t + 64, 2 * t : 2 * t + 96] for t in range(9)])  # slide: 9 frames, 64x96
+        style = ["anime", "sepia", "pixel", "sketch"][i % 4]
+        clips.append(
+            (src, np.stack([apply_style(style, f) for f in src]), f"{style} style. a colourful pattern")
+        )
+    return clips
+
+
+def test_overfit_a_handful_of_clips(tmp_path: Path):
+    """The loss falls by half on 2 real encoded clips ("overfit one batch": fixed noise/timestep per clip).
+
+    The default tiny backbone (``params.model.tiny``) and the real code path; each clip keeps its noise and
+    timestep (``train.fixed_noise``), because with fresh noise every step the floor is the irreducible noise term.
+    """
+    from pickstyle.latents import encode_clip
+    from pickstyle.model.components import ensure_backbone, load_pipeline
+
+    params = _params(
+        tmp_path,
+        tmp_path / "models",
+        steps=200,
+        lr=2e-2,
+        warmup_steps=10,
+        log_every=50,
+        lora_rank=32,
+        lora_alpha=32.0,
+        fixed_noise=True,
+    )
+    with _threads(1):
+        pipe = load_pipeline(ensure_backbone(params))
+        samples = []
+        for i, (src, style, caption) in enumerate(_styled_clips(2)):
+            enc = encode_clip(pipe, src, style, caption)
+            samples.append(
+                {
+                    "__key__": f"clip{i:03d}",
+                    TENSOR_EXT: encode_sample(enc),
+                    "json": json.dumps({"caption": caption, "kind": "pair"}),
+                }
+            )
+        write_shards(samples, tmp_path / "data" / "latents", "latents")
+        del pipe
+        tr.train(params)
+    with open(tmp_path / "models" / "adapter" / "loss.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    first, last = float(np.mean(losses[:20])), float(np.mean(losses[-20:]))
+    curve = " ".join(f"{np.mean(losses[i : i + 20]):.3f}" for i in range(0, len(losses), 20))
+    print(
+        f"overfit: mean loss steps 1-20 {first:.3f} -> 181-200 {last:.3f} ({last / first:.2f}x); per 20: {curve}"
+    )
+    assert last <= 0.5 * first, (first, last)
+
+
+# --- on-the-fly encoding, and two processes ----------------------------------------------------------------------
+
+
+def test_on_the_fly_mode_trains_from_clip_shards(workdir):
+    from pickstyle.data.video import encode_video
+
+    root, models = workdir
+    samples = [
+        {
+            "__key__": f"clip{i:03d}",
+            "src.mp4": encode_video(src, 8, lossless=True),
+            "style.mp4": encode_video(style, 8, lossless=True),
+            "json": json.dumps({"caption": caption, "kind": "pair"}),
+        }
+        for i, (src, style, caption) in enumerate(_styled_clips(2))
+    ]
+    write_shards(samples, root / "data" / "clips", "clips")
+    with _threads(1):
+        summary = tr.train(_params(root, models, steps=2, mode="on_the_fly"))
+    assert summary["mode"] == "on_the_fly" and summary["steps"] == 2
+    assert (models / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+_DDP_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import save_file
+from pickstyle import training as tr
+from pickstyle.config import parse_params
+
+torch.set_num_threads(1)
+root, models = sys.argv[1], sys.argv[2]
+_lora_state = tr._lora_state
+
+def dump(accelerator, model):  # every rank writes the adapter it holds, to compare them
+    state = _lora_state(accelerator, model)
+    save_file(state, f"{root}/lora-rank{accelerator.process_index}.safetensors")
+    return state
+
+tr._lora_state = dump
+params = parse_params({
+    "paths": {"data": f"{root}/data", "models": models},
+    "train": {"steps": 3, "checkpoint_every": 3, "mlflow": False, "lr": 1e-3, "warmup_steps": 0, "device": "cpu"},
+})
+summary = tr.train(params)
+print("WORLD", summary["world_size"])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_end_with_identical_adapters(workdir):
+    root, models = workdir
+    _random_latents(root / "data", n=8, shard_size=2)
+    script = root / "ddp_train.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as sock:  # a free port: other test sessions may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(script),
+        str(root),
+        str(models),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "WORLD 2" in proc.stdout
+    w0 = load_file(root / "lora-rank0.safetensors")
+    w1 = load_file(root / "lora-rank1.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B." in k)
+    # Each process read its own shards.
+    ckpt = tr.list_checkpoints(models / "adapter" / "checkpoints")[-1]
+    assert {p.name for p in ckpt.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
+    assert len(list_shards(root / "data" / "latents", "latents")) == 4
