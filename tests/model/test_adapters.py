@@ -57,10 +57,12 @@ def test_only_context_self_attention_lora_trains(tiny_backbone: Path) -> None:
     assert trainable and all(".lora_" in n for n in trainable)
     pattern = re.compile(r"vace_blocks\.\d+\.attn1\.to_[qkv]\.lora_[AB]\.default\.weight")
     assert all(pattern.fullmatch(n) for n in trainable), trainable
-    # 2 VACE blocks x q, k, v x (A: r x dim + B: dim x r), dim = 2 heads x 16
-    assert lora_parameter_count(pipe.transformer) == 2 * 3 * (4 * 32 + 32 * 4)
+    # VACE blocks x q, k, v x (A: r x dim + B: dim x r)
+    cfg = pipe.transformer.config
+    n_vace, dim = len(cfg.vace_layers), cfg.num_attention_heads * cfg.attention_head_dim
+    assert lora_parameter_count(pipe.transformer) == n_vace * 3 * (4 * dim + dim * 4)
     assert {n.split(".lora_")[0] for n in trainable} == {
-        f"vace_blocks.{b}.attn1.to_{p}" for b in (0, 1) for p in "qkv"
+        f"vace_blocks.{b}.attn1.to_{p}" for b in range(n_vace) for p in "qkv"
     }
     assert not any(n.startswith("blocks.") for n in trainable)  # main blocks' attn1 untouched
     # B starts at zero: a fresh adapter leaves the output unchanged
