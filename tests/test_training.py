@@ -196,7 +196,7 @@ def test_only_lora_params_require_grad(workdir):
         timestep=torch.tensor([500.0]),
         encoder_hidden_states=torch.randn(1, L, D),
         control_hidden_states=torch.randn(1, 96, F, H, W),
-        control_hidden_states_scale=torch.ones(2),
+        control_hidden_states_scale=torch.ones(len(transformer.config.vace_layers)),
         return_dict=False,
     )[0]
     tr.flow_matching_loss(pred, x, torch.randn_like(x), torch.ones(1)).backward()

@@ -121,7 +121,13 @@ def test_import_official_checkpoint(tiny_backbone: Path, tmp_path: Path) -> None
     torch.save(_official_state(pipe), pth)
 
     summary = import_official_adapter(pth, tmp_path / "imported")
-    assert (summary["rank"], summary["alpha"], summary["modules"], summary["blocks"]) == (4, 4.0, 6, [0, 1])
+    n_vace = len(pipe.transformer.config.vace_layers)
+    assert (summary["rank"], summary["alpha"], summary["modules"], summary["blocks"]) == (
+        4,
+        4.0,
+        3 * n_vace,
+        list(range(n_vace)),
+    )
     fresh = load_pipeline(tiny_backbone)
     load_adapter(fresh, tmp_path / "imported")
     assert torch.equal(_forward(fresh.transformer), expected)

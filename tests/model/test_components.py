@@ -47,9 +47,10 @@ def test_tiny_backbone_loads_with_from_pretrained(tiny_backbone: Path) -> None:
     pipe = WanVACEPipeline.from_pretrained(tiny_backbone)
     assert not missing_files(tiny_backbone)
     cfg = pipe.transformer.config
+    tiny = parse_params({}).model.tiny
     assert (cfg.num_layers, list(cfg.vace_layers), cfg.in_channels, cfg.vace_in_channels) == (
-        4,
-        [0, 2],
+        tiny.num_layers,
+        tiny.vace_layers,
         16,
         96,
     )
@@ -93,16 +94,16 @@ def test_tokenizer_handles_any_text() -> None:
 
 def test_ensure_backbone_tiny_builds_once(tmp_path: Path) -> None:
     params = parse_params(
-        {"paths": {"models": str(tmp_path / "models")}, "model": {"tiny": {"num_layers": 3}}}
+        {"paths": {"models": str(tmp_path / "models")}, "model": {"tiny": {"num_layers": 5}}}
     )
     out = ensure_backbone(params)
     assert out == tmp_path / "models" / "backbone" and (out / MARKER).is_file()
     stamp = (out / "transformer" / "config.json").stat().st_mtime_ns
     assert ensure_backbone(params) == out
     assert (out / "transformer" / "config.json").stat().st_mtime_ns == stamp  # not rebuilt
-    params.model.tiny.num_layers = 4  # a different size: rebuilt
+    params.model.tiny.num_layers = 6  # a different size: rebuilt
     ensure_backbone(params)
-    assert json.loads((out / "transformer" / "config.json").read_text())["num_layers"] == 4
+    assert json.loads((out / "transformer" / "config.json").read_text())["num_layers"] == 6
 
 
 def test_real_profile_lists_every_missing_file(tiny_backbone: Path, tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_ensure_backbone_concurrent_calls(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     params = parse_params(
-        {"paths": {"models": str(tmp_path / "models")}, "model": {"tiny": {"num_layers": 3}}}
+        {"paths": {"models": str(tmp_path / "models")}, "model": {"tiny": {"num_layers": 5}}}
     )
     with ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda _: ensure_backbone(params), range(2)))
