@@ -23,21 +23,19 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import re
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path when run as a script)
 
 from pickstyle.config import Clips
 from pickstyle.data.motion import draw_spec, render_pair
 from pickstyle.data.video import encode_video
 
 H, W = 480, 832
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def pair_images(size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -171,17 +169,6 @@ def time_workers(clip_specs: list[dict], T: int, workers: int) -> float:
         return done / (time.perf_counter() - t0)
 
 
-def write_results(text: str) -> None:
-    """Replace (or add) the ``## render`` section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    section = f"## render\n\n{text.strip()}\n"
-    pattern = re.compile(r"^## render\n.*?(?=^## |\Z)", re.S | re.M)
-    new = (
-        pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(new.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,7 +240,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section("render", text)
         print(f"\nwrote the '## render' section of {RESULTS}")
 
 

@@ -27,18 +27,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path when run as a script)
 
 from pickstyle.config import TinyBackbone
 from pickstyle.model.pipeline import PickStylePipeline
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def build_cpu_pipeline(folder: Path) -> PickStylePipeline:
@@ -124,17 +122,6 @@ class StepTimer:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
-def write_results(text: str) -> None:
-    """Replace (or add) the ``## sample`` section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    section = f"## sample\n\n{text.strip()}\n"
-    pattern = re.compile(r"^## sample\n.*?(?=^## |\Z)", re.S | re.M)
-    new = (
-        pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(new.rstrip() + "\n")
 
 
 def main() -> None:
@@ -278,7 +265,7 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_write:
-        write_results(text)
+        write_section("sample", text)
         print(f"\nwrote the '## sample' section of {RESULTS}")
 
 
