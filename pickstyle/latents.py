@@ -70,8 +70,12 @@ def _normalised_latents(pipe: Any, videos: torch.Tensor, device: torch.device) -
     from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
 
     z_dim = pipe.vae.config.z_dim
-    mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
-    std = torch.tensor(pipe.vae.config.latents_std, device=device, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+    mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=torch.float32).view(
+        1, z_dim, 1, 1, 1
+    )
+    std = torch.tensor(pipe.vae.config.latents_std, device=device, dtype=torch.float32).view(
+        1, z_dim, 1, 1, 1
+    )
     z = retrieve_latents(pipe.vae.encode(videos.to(pipe.vae.dtype)), None, sample_mode="argmax")
     return (z.float() - mean) * (1.0 / std)
 
@@ -192,7 +196,8 @@ def build_latents(params: Params) -> dict[str, Any]:
     The folder is replaced as a whole when all clips are encoded (a crash keeps the previous latents).
 
     Returns:
-        A summary (clips, shards, shapes, device, seconds, clips_per_s), also written to ``summary.json``.
+        A summary (clips, shards, shapes, device, seconds, clips_per_s); ``summary.json`` holds it without the
+        timings.
     """
     from tqdm.auto import tqdm
 
@@ -238,8 +243,11 @@ def build_latents(params: Params) -> dict[str, Any]:
             "shapes": shapes,
             "device": device,
             "backbone": str(backbone),
-            "seconds": round(seconds, 3),
-            "clips_per_s": round(count / seconds, 3) if seconds > 0 else None,
         }
+        # Timings stay out of the stage's output: same clips -> byte-identical folder (and DVC hash).
         write_json(tmp / "summary.json", summary)
-    return summary
+    return {
+        **summary,
+        "seconds": round(seconds, 3),
+        "clips_per_s": round(count / seconds, 3) if seconds else None,
+    }

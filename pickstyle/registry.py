@@ -31,7 +31,7 @@ from mlflow.types import ColSpec, Schema
 import pickstyle
 from pickstyle.config import Params, Paths, Sample, parse_params
 from pickstyle.errors import PickstyleError
-from pickstyle.files import sha256_tree, write_json
+from pickstyle.files import sha256_file, sha256_tree, write_json
 
 #: Environment overrides of the tracking URI, first match wins.
 URI_ENV = ("PICKSTYLE_MLFLOW_URI", "MLFLOW_TRACKING_URI")
@@ -193,9 +193,15 @@ def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:
-    """:func:`pickstyle.files.sha256_tree` of the adapter's defining files (checkpoints and logs excluded)."""
-    with tempfile.TemporaryDirectory(prefix="pickstyle-adapter-") as tmp:
-        return sha256_tree(stage_adapter(adapter_dir, Path(tmp) / "adapter"))
+    """sha256 of the adapter's weights file, which also carries its LoRA config (rank, alpha, targets) as
+    safetensors metadata. ``pickstyle_adapter.json`` is left out: it records the run (MLflow run id, final loss),
+    so two runs that train the same weights register as one version."""
+    weights = Path(adapter_dir) / ADAPTER_FILES[0]
+    if not weights.is_file():
+        raise RegistryError(
+            f"{adapter_dir}: no trained adapter (missing {ADAPTER_FILES[0]}; run the train stage)"
+        )
+    return sha256_file(weights)
 
 
 def backbone_fingerprint(path: str | Path) -> str:
@@ -390,7 +396,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
     adapter_dir = Path(params.paths.models) / "adapter"
     with tempfile.TemporaryDirectory(prefix="pickstyle-register-") as tmp:
         staged = stage_adapter(adapter_dir, Path(tmp) / "adapter")  # fails before MLflow is touched
-        sha = sha256_tree(staged)
+        sha = adapter_sha256(staged)
         use_tracking(params)
         client = MlflowClient()
         try:
