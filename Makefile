@@ -8,6 +8,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
 # dvc.yaml commands say `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 PIP := $(BIN)/pip --disable-pip-version-check --quiet

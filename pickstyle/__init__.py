@@ -13,6 +13,7 @@ for _key, _value in {
     "TRANSFORMERS_OFFLINE": "1",
     "DIFFUSERS_OFFLINE": "1",
     "GIT_PYTHON_REFRESH": "quiet",
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations asks PyPI for a newer version at import otherwise
 }.items():
     _os.environ.setdefault(_key, _value)
 
