@@ -23,3 +23,17 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     models = tmp_path_factory.mktemp("tiny") / "models"
     return ensure_backbone(parse_params({"paths": {"models": str(models)}}))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Pin torch to one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    The tiny model gains nothing from threads; on a busy 2-core machine they only spin-wait.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

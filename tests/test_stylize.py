@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pickstyle.cli import main
 from pickstyle.data.video import read_video, write_video
@@ -18,12 +17,7 @@ WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"
 PROMPT = "anime style. a wolf in the snow"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

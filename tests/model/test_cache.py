@@ -13,12 +13,7 @@ from pickstyle.model.pipeline import PickStylePipeline
 HEIGHT, WIDTH = 32, 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

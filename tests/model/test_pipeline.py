@@ -15,13 +15,7 @@ FRAMES, HEIGHT, WIDTH, STEPS = 5, 32, 48, 2
 PROMPT = "anime style. a wolf in the snow"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model is too small to gain from threads; on a busy 2-core machine they only spin-wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
