@@ -45,10 +45,11 @@ format: $(STAMP) ## ruff format + autofix
 ui: $(STAMP) ## start the Prefect server and the MLflow UI on 127.0.0.1 and print both URLs
 	$(BIN)/python -m flows.ui
 
-bench: $(STAMP) ## run the CPU benchmarks (figures go to bench/RESULTS.md by hand)
+bench: $(STAMP) ## run the benchmarks (render and sample rewrite their bench/RESULTS.md sections)
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/sample.py
 
-clean: ## remove the venv and generated outputs (DVC cache kept)
-	rm -rf $(VENV) data/pairs data/clips data/testclips data/latents models eval mlflow.db mlartifacts
+clean: ## remove the venv, the DVC-cached outputs and the local MLflow store (DVC cache kept)
+	rm -rf $(VENV) data/pairs data/clips data/testclips data/latents models/backbone models/adapter \
+		eval/figures eval/preview.gif mlflow.db mlartifacts .ui
