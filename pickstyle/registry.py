@@ -344,13 +344,14 @@ def gate_passes(
 ) -> bool:
     """Does a challenger with ``value`` replace a champion with ``champion_value``?
 
-    No champion value (none yet, or it was never measured) -> yes; no (or NaN) challenger value -> no;
-    otherwise the challenger must be better by at least ``margin``.
+    No (or NaN) challenger value -> no, whatever the champion: an unevaluated adapter never takes over;
+    no champion value (it was never measured) -> yes; otherwise the challenger must be better by at least
+    ``margin``. (With no champion at all the caller promotes the first version without asking.)
     """
-    if champion_value is None or not math.isfinite(champion_value):
-        return True
     if value is None or not math.isfinite(value):
         return False
+    if champion_value is None or not math.isfinite(champion_value):
+        return True
     gain = value - champion_value if higher_is_better else champion_value - value
     return gain >= margin
 

@@ -49,12 +49,6 @@ def _next_4n1(n: int) -> int:
     return 4 * math.ceil((n - 1) / 4) + 1
 
 
-def _max_sequence_length(pipe: Any) -> int:
-    # Training and sampling must pad prompts to the same length: the tiny tokenizer's model_max_length (32);
-    # Wan's 512 for real backbones (whose tokenizer may report a huge "no limit" value).
-    return min(int(getattr(pipe.tokenizer, "model_max_length", 512) or 512), 512)
-
-
 def stylize_frames(
     pipe: Any,
     frames: np.ndarray,
@@ -106,7 +100,6 @@ def stylize_frames(
         cache_threshold=sample.cache_threshold if sample.cache_threshold > 0 else None,
         generator=generator,
         output_type="np",
-        max_sequence_length=_max_sequence_length(pipe),
     ).frames[0]  # float [T, H, W, 3] in [0, 1]
     return (np.clip(out[:count], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 

@@ -439,8 +439,10 @@ def _build_model(params: Params, device: str, mode: str):
     transformer.requires_grad_(False)
     cfg = _lora_config(params)
     # The LoRA init draws from torch's global RNG: seed it so every process starts from the same adapter.
+    # Only the CPU generator: torch.manual_seed would also reseed (and, with devices=[], not restore) every CUDA
+    # generator, overwriting the per-rank seeds; peft creates and initialises LoRA weights on the CPU.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
+        torch.default_generator.manual_seed(params.seed)
         add_context_style_adapter(
             transformer,
             cfg["rank"],
@@ -620,11 +622,15 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
     start_step, history, position = 0, [], None
     if ckpt is not None:
         if (ckpt / "optimizer.pt").is_file():
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            optimizer.load_state_dict(
+                torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+            )
         else:
-            optimizer.load_state_dict(torch.load(ckpt / f"optimizer-rank-{rank}.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        rank_state = torch.load(ckpt / f"rank-{rank}.pt", weights_only=True)
+            optimizer.load_state_dict(
+                torch.load(ckpt / f"optimizer-rank-{rank}.pt", weights_only=True, map_location="cpu")
+            )
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True, map_location="cpu"))
+        rank_state = torch.load(ckpt / f"rank-{rank}.pt", weights_only=True, map_location="cpu")
         _set_rng_state(rank_state["rng"], generator)
         position = rank_state["position"]
         start_step, history = int(state["step"]), list(state["history"])
@@ -766,7 +772,15 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
         summary["stopped"] = True
         return summary
     if main:
-        _write_final(accelerator.unwrap_model(model), out, history, summary, run_id)
+        try:
+            _write_final(accelerator.unwrap_model(model), out, history, summary, run_id)
+        except BaseException:
+            # Never leave the MLflow run RUNNING (and active in this process) when the final write fails.
+            if run_id is not None:
+                import mlflow
+
+                mlflow.end_run(status="FAILED")
+            raise
     accelerator.wait_for_everyone()
     return summary
 

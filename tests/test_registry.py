@@ -85,6 +85,8 @@ def test_tracking_uri_is_absolute_and_overridable(tmp_path: Path, monkeypatch: p
     ("value", "champion", "higher", "margin", "expected"),
     [
         (1.0, None, True, 0.0, True),  # no champion value: promote
+        (None, None, True, 0.0, False),  # ...but never an unevaluated challenger
+        (float("nan"), float("nan"), True, 0.0, False),
         (None, 1.0, True, 0.0, False),  # challenger never measured: keep the champion
         (float("nan"), 1.0, True, 0.0, False),
         (1.5, 1.0, True, 0.5, True),

@@ -93,7 +93,8 @@ def _as_pil_list(video: Any) -> list[PIL.Image.Image]:
         if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise ValueError(f"video array must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
         return [PIL.Image.fromarray(f) for f in video]
-    return list(video)
+    # A list of uint8 frames too: the parent's processor would read raw arrays as floats in [0, 1].
+    return [PIL.Image.fromarray(f) if isinstance(f, np.ndarray) and f.dtype == np.uint8 else f for f in video]
 
 
 def _frame_size(frame: Any) -> tuple[int, int]:
@@ -135,7 +136,7 @@ class PickStylePipeline(WanVACEPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
     ) -> WanPipelineOutput | tuple:
         """Re-render ``video`` following ``prompt``.
 
@@ -162,7 +163,8 @@ class PickStylePipeline(WanVACEPipeline):
             output_type: ``np`` (float frames in [0, 1]), ``pil``, ``pt`` or ``latent``.
             return_dict: return a ``WanPipelineOutput`` (else a tuple).
             attention_kwargs: passed to the transformer (``{"scale": s}`` scales LoRA layers).
-            max_sequence_length: text tokens (must match what training used).
+            max_sequence_length: text tokens (must match what training used; default
+                :func:`~pickstyle.model.components.prompt_length`, as the latents stage pads to).
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}: expected one of {GUIDANCE_MODES}")
@@ -207,6 +209,10 @@ class PickStylePipeline(WanVACEPipeline):
         conditioning_scale = torch.tensor(conditioning_scale).to(device=device, dtype=transformer_dtype)
 
         # 1. Text: the prompt and the "∅ text" (Wan's negative prompt by default).
+        if max_sequence_length is None:
+            from pickstyle.model.components import prompt_length
+
+            max_sequence_length = prompt_length(self)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
