@@ -127,7 +127,6 @@ def save_adapter(
     Returns:
         ``out_dir``.
     """
-    from diffusers import WanVACEPipeline
     from peft.utils import get_peft_model_state_dict
 
     transformer = _transformer_of(pipeline_or_transformer)
@@ -136,7 +135,16 @@ def save_adapter(
     state = get_peft_model_state_dict(transformer, adapter_name=name)
     # Contiguous CPU copies: safetensors refuses views, and the caller may keep training the live tensors.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    metadata = config.to_dict()
+    return _write_adapter(out_dir, state, config, extra_metadata)
+
+
+def _write_adapter(
+    out_dir: str | Path, state: dict[str, torch.Tensor], config: Any, extra: dict[str, Any] | None
+) -> Path:
+    """Write ``state`` (diffusers LoRA keys) with ``config`` (a ``LoraConfig``) as its safetensors metadata, plus
+    ``pickstyle_adapter.json``; the folder is replaced as a whole, atomically."""
+    from diffusers import WanVACEPipeline
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
@@ -144,19 +152,18 @@ def save_adapter(
             tmp,
             transformer_lora_layers=state,
             weight_name=WEIGHT_NAME,
-            transformer_lora_adapter_metadata=metadata,
+            transformer_lora_adapter_metadata=config.to_dict(),  # without it alpha silently becomes r on load
         )
+        targets = config.target_modules
         info = {
             "format": "diffusers-lora",
             "weight_name": WEIGHT_NAME,
             "rank": int(config.r),
             "alpha": float(config.lora_alpha),
-            "targets": config.target_modules
-            if isinstance(config.target_modules, str)
-            else sorted(config.target_modules),
+            "targets": targets if isinstance(targets, str) else sorted(targets),
             "lora_parameters": int(sum(v.numel() for v in state.values())),
             "tensors": len(state),
-            **(extra_metadata or {}),
+            **(extra or {}),
         }
         write_json(tmp / INFO_NAME, info)
     return out_dir
@@ -246,7 +253,6 @@ def import_official_adapter(
     Returns:
         A summary: out_dir, rank, alpha, modules, blocks, lora_parameters.
     """
-    from diffusers import WanVACEPipeline
     from peft import LoraConfig
 
     pth = Path(pth)
@@ -270,29 +276,8 @@ def import_official_adapter(
     )
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     blocks = sorted({int(k.split(".")[1]) for k in state})
-    out_dir = Path(out_dir)
+    out_dir = _write_adapter(out_dir, state, config, {"imported_from": str(pth.resolve())})
     n_params = int(sum(v.numel() for v in state.values()))
-    with atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)
-        WanVACEPipeline.save_lora_weights(
-            tmp,
-            transformer_lora_layers=state,
-            weight_name=WEIGHT_NAME,
-            transformer_lora_adapter_metadata=config.to_dict(),
-        )
-        write_json(
-            tmp / INFO_NAME,
-            {
-                "format": "diffusers-lora",
-                "weight_name": WEIGHT_NAME,
-                "rank": rank,
-                "alpha": alpha,
-                "targets": CONTEXT_STYLE_TARGETS,
-                "lora_parameters": n_params,
-                "tensors": len(state),
-                "imported_from": str(pth.resolve()),
-            },
-        )
     return {
         "out_dir": str(out_dir),
         "rank": rank,
