@@ -12,6 +12,7 @@ URI is always ``sqlite:///<absolute path>`` and experiments get an absolute arti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from mlflow.types import ColSpec, Schema
 import pickstyle
 from pickstyle.config import Params, Paths, Sample, parse_params
 from pickstyle.errors import PickstyleError
-from pickstyle.files import sha256_file, sha256_tree, write_json
+from pickstyle.files import sha256_tree, write_json
 
 #: Environment overrides of the tracking URI, first match wins.
 URI_ENV = ("PICKSTYLE_MLFLOW_URI", "MLFLOW_TRACKING_URI")
@@ -195,13 +196,25 @@ def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 def adapter_sha256(adapter_dir: str | Path) -> str:
     """sha256 of the adapter's weights file, which also carries its LoRA config (rank, alpha, targets) as
     safetensors metadata. ``pickstyle_adapter.json`` is left out: it records the run (MLflow run id, final loss),
-    so two runs that train the same weights register as one version."""
+    so two runs that train the same weights register as one version.
+
+    The file is hashed canonically (header JSON with sorted keys, then the tensor bytes): safetensors writes its
+    metadata map in a per-process random order, so the same adapter's raw bytes can differ between two runs.
+    """
     weights = Path(adapter_dir) / ADAPTER_FILES[0]
     if not weights.is_file():
         raise RegistryError(
             f"{adapter_dir}: no trained adapter (missing {ADAPTER_FILES[0]}; run the train stage)"
         )
-    return sha256_file(weights)
+    data = weights.read_bytes()
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RegistryError(f"{weights}: not a safetensors file ({err})") from None
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    h.update(data[8 + size :])
+    return h.hexdigest()
 
 
 def backbone_fingerprint(path: str | Path) -> str:

@@ -219,3 +219,26 @@ def test_real_profiles_record_the_backbone_instead_of_copying_it(project, adapte
     info = registry.load_registered("models:/real@champion", params)
     assert info["backbone_dir"] == str(backbone.resolve())
     assert not (Path(info["model_dir"]) / "artifacts" / "backbone").exists()
+
+
+def test_adapter_identity_ignores_safetensors_metadata_order(tmp_path) -> None:
+    """safetensors writes its metadata map in a per-process random order: the same adapter must hash the same."""
+    import json as _json
+    import struct
+
+    data = bytes(range(16))
+    tensors = {"transformer.x.lora_A.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    shas = []
+    for i, meta in enumerate(({"format": "pt", "lora": "{}"}, {"lora": "{}", "format": "pt"})):
+        header = _json.dumps({"__metadata__": meta, **tensors}).encode()
+        folder = tmp_path / f"a{i}"
+        folder.mkdir()
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(
+            struct.pack("<Q", len(header)) + header + data
+        )
+        shas.append(registry.adapter_sha256(folder))
+    assert shas[0] == shas[1]
+    (tmp_path / "a1" / "pytorch_lora_weights.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + bytes(reversed(data))
+    )
+    assert registry.adapter_sha256(tmp_path / "a1") != shas[0]  # different weights: a different adapter
