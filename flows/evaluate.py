@@ -23,13 +23,41 @@ MAX_INLINE_PREVIEW = 2_000_000
 
 
 def metrics_table(metrics: dict[str, float]) -> list[dict[str, object]]:
-    """``{"cfg/edge_f1": x, ...}`` -> one row per variant with a column per metric (blank where absent)."""
+    """``{"cfg/edge_f1": x, "cfg/edge_f1_se": e, ...}`` -> one row per variant with a column per metric, the
+    value as ``"x ± e"`` when its standard error is known (blank where absent). Per-style keys are left out."""
     rows: dict[str, dict[str, object]] = {}
     for key, value in metrics.items():
+        if key.startswith("style/") or key.endswith("_se"):
+            continue
         variant, _, metric = key.partition("/")
-        rows.setdefault(variant, {"variant": variant})[metric] = round(value, 4)
+        se = metrics.get(f"{key}_se")
+        cell: object = round(value, 4) if se is None else f"{value:.4g} ± {se:.2g}"
+        rows.setdefault(variant, {"variant": variant})[metric] = cell
     columns = ["variant", *sorted({k for r in rows.values() for k in r} - {"variant"})]
     return [{c: r.get(c, "") for c in columns} for r in rows.values()]
+
+
+def _per_style_markdown(metrics: dict[str, float]) -> list[str]:
+    """Style PSNR per style (rows) and variant (columns), from the ``style/<style>/<variant>/style_psnr`` keys."""
+    cells: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] == "style" and len(parts) == 4:
+            cells.setdefault(parts[1], {})[parts[2]] = value
+    if not cells:
+        return []
+    variants = sorted({v for row in cells.values() for v in row})
+    return [
+        "Style PSNR to the ground truth, per style:",
+        "",
+        "| style | " + " | ".join(variants) + " |",
+        "|" + "---|" * (len(variants) + 1),
+        *(
+            f"| {s} | " + " | ".join(f"{row.get(v, float('nan')):.2f}" for v in variants) + " |"
+            for s, row in sorted(cells.items())
+        ),
+        "",
+    ]
 
 
 def metrics_markdown(summary: dict) -> str:
@@ -47,8 +75,10 @@ def metrics_markdown(summary: dict) -> str:
         "",
         "warp_error ↓ (temporal consistency, flow of the source; `source`/`ground_truth` rows are references) · "
         "structure_ssim ↑, edge_f1 ↑ (vs the source) · style_psnr ↑, style_ssim ↑, color_dist ↓, texture_dist ↓ "
-        "(vs the exact ground-truth style clip).",
+        "(vs the exact ground-truth style clip) · source_psnr ↑ (`vae`, `reconstruct`: the backbone reproduces the "
+        "source). Values are means over clips ± one standard error.",
         "",
+        *_per_style_markdown(summary["metrics"]),
         "Seconds per clip: " + ", ".join(f"{k} {v}" for k, v in summary["seconds_per_clip"].items()),
     ]
     return "\n".join(md)

@@ -63,10 +63,10 @@ def cmd_clips(args: argparse.Namespace) -> None:
     _print(build_clips(_params(args)))
 
 
-def cmd_backbone(args: argparse.Namespace) -> None:
-    from pickstyle.model.components import ensure_backbone
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pickstyle.pretrain import pretrain
 
-    print(ensure_backbone(_params(args)))
+    _print(pretrain(_params(args)))
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
@@ -143,16 +143,16 @@ def cmd_stylize(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "pretrain": (
+        cmd_pretrain,
+        "stage 0 (tiny profile): pretrain the tiny Wan2.1-VACE from scratch into models/backbone (~45 min on CPU)",
+    ),
     "pairs": (cmd_pairs, "stage 1: build paired (source, style, caption) WebDataset shards in data/pairs"),
     "clips": (
         cmd_clips,
         "stage 2: render synthetic camera-motion clips (data/clips) and test clips (data/testclips)",
     ),
-    "backbone": (
-        cmd_backbone,
-        "stage 3a: build the tiny backbone offline, or check a local Wan2.1-VACE folder",
-    ),
-    "latents": (cmd_latents, "stage 3b: encode clips once: target latents, 96-ch context, prompt embeddings"),
+    "latents": (cmd_latents, "stage 3: encode clips once: target latents, 96-ch context, prompt embeddings"),
     "train": (cmd_train, "stage 4: train the context-style LoRA adapters (models/adapter)"),
     "evaluate": (cmd_evaluate, "stage 5: stylize held-out test clips and score them (eval/)"),
     "register": (cmd_register, "stage 6: register the adapter in MLflow (@challenger, gated @champion)"),
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pickstyle",
         description="PickStyle video-to-video style transfer: data, training, evaluation, registry, serving.",
-        epilog="The stages run in order pairs -> clips -> backbone -> latents -> train -> evaluate -> register; "
+        epilog="The stages run in order pretrain -> pairs -> clips -> latents -> train -> evaluate -> register; "
         "`dvc repro` runs them all through their Prefect flows.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -20,7 +20,7 @@ from pickstyle.errors import PickstyleError
 
 #: Wan2.1's default negative prompt (the reference code's "null text" for CFG and CS-CFG).
 WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
 )
@@ -47,23 +47,48 @@ class Paths(_Section):
 
 
 class TinyBackbone(_Section):
-    """Sizes of the tiny Wan2.1-VACE built offline from configs (the embedded default)."""
+    """Sizes of the tiny Wan2.1-VACE (the embedded default), pretrained by the ``pretrain`` stage.
 
-    # Wide enough (256 > 64 outputs per token) that the context-style LoRA can visibly fit a few clips through
-    # the frozen random head; still ~20 ms a forward on CPU at 9x64x96.
+    Chosen for a 2-core CPU (README "The tiny backbone"): a VAE with light compression (2x spatial, 1x temporal,
+    so it can learn to reconstruct in minutes) and a 4x4 transformer patch, so a 9x64x96 clip is 9x8x12 = 864
+    tokens; ~2.5 M parameters in all (under 10 MB on disk).
+    """
+
     num_layers: int = 4
     vace_layers: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
-    num_attention_heads: int = 4
+    num_attention_heads: int = 2
     attention_head_dim: int = 64
-    ffn_dim: int = 128
+    ffn_dim: int = 256
     text_dim: int = 32
-    freq_dim: int = 32
+    freq_dim: int = 64
+    #: Transformer patch (t, h, w) over the latent.
+    patch_size: list[int] = Field(default_factory=lambda: [1, 4, 4])
     #: AutoencoderKLWan base channels (z_dim stays 16: the transformer's in/out channels).
     vae_base_dim: int = 8
+    #: One entry per VAE level; ``len - 1`` 2x spatial downsamples (Wan: [1, 2, 4, 4], 8x).
+    vae_dim_mult: list[int] = Field(default_factory=lambda: [1, 2])
+    #: Which of those downsamples also halve time (Wan: [False, True, True], 4x).
+    vae_temporal_downsample: list[bool] = Field(default_factory=lambda: [False])
     text_layers: int = 2
     text_heads: int = 2
     text_ffn_dim: int = 64
     max_text_tokens: int = 32
+
+    @model_validator(mode="after")
+    def _vae_levels(self) -> TinyBackbone:
+        if len(self.vae_temporal_downsample) != len(self.vae_dim_mult) - 1:
+            raise ValueError("vae_temporal_downsample needs one entry per downsample (len(vae_dim_mult) - 1)")
+        if len(self.patch_size) != 3:
+            raise ValueError("patch_size is (t, h, w)")
+        return self
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return 2 ** (len(self.vae_dim_mult) - 1)
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return 2 ** sum(self.vae_temporal_downsample)
 
 
 class Model(_Section):
@@ -170,7 +195,7 @@ class Clips(_Section):
     #: At most this many non-overlapping windows of ``frames`` frames per reconstruction video. [clips helper]
     reconstruct_max_windows: int = Field(default=4, ge=1)
     #: Held-out procedural test scenes with object motion (written to ``data/testclips``).
-    test_clips: int = 6
+    test_clips: int = 10
     #: Moving cut-out objects per test scene.
     test_objects: int = 3
     #: Samples per shard.
@@ -182,6 +207,41 @@ class Clips(_Section):
     dask_address: str | None = None
     #: Clips in the preview grid.
     preview_clips: int = 6
+
+
+class Pretrain(_Section):
+    """The ``pretrain`` stage: train the tiny backbone from scratch on data the project makes itself.
+
+    Three phases, each resumable from ``<models>/.pretrain/``: the VAE (single frames, then short clips), a
+    latent set of clips, then the transformer (main and VACE blocks) on text-to-video of the pretraining styles
+    and "reconstruct." clips that follow their source context. The ``holdout_styles`` never appear in any phase.
+    """
+
+    seed: int = 0
+    #: Built-in styles kept out of pretraining entirely (the adapter must learn them from nothing).
+    holdout_styles: list[str] = Field(default_factory=lambda: ["sepia"])
+    vae_frame_steps: int = Field(default=700, ge=0)
+    vae_clip_steps: int = Field(default=1000, ge=0)
+    vae_batch: int = Field(default=8, ge=1)
+    vae_lr: float = Field(default=2e-3, gt=0)
+    #: Clips in the transformer's latent set (each rendered once with its own motion, crop and style).
+    clips: int = Field(default=640, ge=8)
+    steps: int = Field(default=3000, ge=0)
+    batch_size: int = Field(default=2, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    #: Training timestep shift of the pretraining (lower than the adapters' 5: small latents need less noise).
+    shift: float = Field(default=3.0, gt=0)
+    #: Shares of the latent set: "reconstruct." clips (target = source, source context), unstyled text-to-video,
+    #: and procedural scenes with moving cut-outs (the rest are photo clips with camera motion).
+    recon_share: float = Field(default=0.5, ge=0, le=1)
+    plain_share: float = Field(default=0.1, ge=0, le=1)
+    scene_share: float = Field(default=0.3, ge=0, le=1)
+    #: Probability that a caption is replaced by the sampler's "null text" (Wan's negative prompt), so CFG has an
+    #: unconditional branch to contrast with.
+    null_text_prob: float = Field(default=0.1, ge=0, le=1)
+    log_every: int = Field(default=50, ge=1)
+    device: str = "auto"
 
 
 class Latents(_Section):
@@ -261,8 +321,9 @@ class Evaluate(_Section):
 
     sample: Sample = Field(default_factory=lambda: Sample(steps=8, skip=0))
     #: Variants compared (``identity`` = output equals input).
-    variants: list[Literal["identity", "base", "cfg", "cs_cfg"]] = Field(
-        default_factory=lambda: ["identity", "base", "cfg", "cs_cfg"]
+    #: ``vae`` / ``reconstruct`` check the backbone against the source (README: evaluation).
+    variants: list[Literal["identity", "vae", "reconstruct", "base", "cfg", "cfg_joint", "cs_cfg"]] = Field(
+        default_factory=lambda: ["identity", "vae", "reconstruct", "base", "cfg", "cfg_joint", "cs_cfg"]
     )
     #: At most this many test clips (0 = all).
     max_clips: int = 0
@@ -280,8 +341,11 @@ class Register(_Section):
     #: Metric from ``eval/metrics.json`` that gates ``@champion``.
     gate_metric: str = "cs_cfg/style_psnr"
     higher_is_better: bool = True
-    #: The challenger must beat the champion by at least this much.
+    #: The challenger must beat the champion by at least this much...
     gate_margin: float = 0.0
+    #: ...and by at least this many standard errors (over test clips) of its own gate metric, so the
+    #: registry never promotes on noise.
+    gate_se_multiple: float = Field(default=2.0, ge=0)
     #: MLflow experiment of the registration runs (added by the registry: each version's source run lives here).
     experiment: str = "pickstyle-register"
 
@@ -307,6 +371,7 @@ class Params(_Section):
     profiles: dict[str, Profile] = Field(default_factory=_default_profiles)
     pairs: Pairs = Field(default_factory=Pairs)
     clips: Clips = Field(default_factory=Clips)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
     latents: Latents = Field(default_factory=Latents)
     train: Train = Field(default_factory=Train)
     sample: Sample = Field(default_factory=Sample)

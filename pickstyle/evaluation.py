@@ -26,6 +26,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from skimage.metrics import structural_similarity
 
 from pickstyle.config import Params, Sample
@@ -41,7 +42,9 @@ PSNR_MAX_DB = 100.0
 #: Reference rows written next to the variants: the source's and the ground truth's own warp error.
 REFERENCE_ROWS = ("source", "ground_truth")
 #: Row order of tables and charts: references first, then the variants from weakest to strongest.
-_ORDER = ("source", "ground_truth", "identity", "base", "cfg", "cs_cfg")
+_ORDER = ("source", "ground_truth", "vae", "reconstruct", "identity", "base", "cfg", "cfg_joint", "cs_cfg")
+#: Variants that reproduce the *source* (backbone checks), scored by PSNR to it rather than by style metrics.
+SOURCE_VARIANTS = ("vae", "reconstruct")
 #: Variants shown in the preview, left to right, between the source and the ground truth.
 PREVIEW_VARIANTS = ("base", "cfg", "cs_cfg")
 
@@ -348,13 +351,20 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
     """The sampling settings of one variant (``identity`` needs none).
 
     * ``base``   — no adapter (scale 0), plain text CFG: what the frozen backbone does on its own;
+    * ``reconstruct`` — no adapter, the caption ``"reconstruct. <description>"``: does the backbone follow its
+      context (scored against the source);
     * ``cfg``    — the adapter, plain text CFG;
+    * ``cfg_joint`` — the adapter, one CFG against (∅ text, permuted context): text and context not separated;
     * ``cs_cfg`` — the adapter, Context-Style CFG (``evaluate.sample.guidance`` if it is a CS-CFG mode).
     """
     if variant == "base":
         return sample.model_copy(update={"guidance": "cfg", "adapter_scale": 0.0})
+    if variant == "reconstruct":
+        return sample.model_copy(update={"guidance": "cfg", "adapter_scale": 0.0})
     if variant == "cfg":
         return sample.model_copy(update={"guidance": "cfg"})
+    if variant == "cfg_joint":
+        return sample.model_copy(update={"guidance": "cfg_joint"})
     if variant == "cs_cfg":
         guidance = sample.guidance if sample.guidance in ("cs_cfg", "cs_cfg_apg") else "cs_cfg"
         return sample.model_copy(update={"guidance": guidance})
@@ -391,15 +401,29 @@ def _stylize(
         return src
     assert model is not None
     pipe, adapter_name = model
+    if variant == "vae":
+        return vae_roundtrip(pipe, src)
     vs = variant_sample(sample, variant)
     pipe.set_adapters([adapter_name], [vs.adapter_scale])  # 0 for ``base``: the LoRA adds exactly nothing
     prompt = clip["meta"].get("caption", "")
+    if variant == "reconstruct":
+        prompt = "reconstruct. " + prompt.split("style. ", 1)[-1]
     out = np.asarray(stylize_frames(pipe, src, prompt, vs, seed, height=src.shape[1], width=src.shape[2]))
     if out.shape != src.shape:
         raise EvaluationError(
             f"{variant}: stylized clip {list(out.shape)} does not match the source {list(src.shape)}"
         )
     return out
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe: Any, video: np.ndarray) -> np.ndarray:
+    """The backbone VAE's reconstruction (encode mode, decode) of a uint8 ``[T, H, W, 3]`` video."""
+    x = torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    x = x.to(pipe.vae.device, pipe.vae.dtype)
+    y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample[0]  # [3, T, H, W]
+    y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return y.permute(1, 2, 3, 0).cpu().numpy()
 
 
 def _iter_test_clips(params: Params) -> Iterable[dict[str, Any]]:
@@ -441,21 +465,25 @@ def evaluate(params: Params) -> dict[str, Any]:
         src, gt = _check_video(clip["src"], "source"), _check_video(clip["style"], "ground truth")
         _check_pair(src, gt, ("source", "ground truth"))
         key, prompt = clip["key"], clip["meta"].get("caption", "")
+        style = str(clip["meta"].get("style", ""))
         flows = source_flows(src)
         for ref, video in (("source", src), ("ground_truth", gt)):
             per_frame = warp_error_per_frame(video, flows=flows)
             curves.setdefault(ref, []).append(per_frame)
-            rows.append({"clip": key, "variant": ref, "warp_error": _mean(list(per_frame))})
+            rows.append({"clip": key, "variant": ref, "style": style, "warp_error": _mean(list(per_frame))})
         outputs: dict[str, np.ndarray] = {"source": src, "ground_truth": gt}
         for variant in variants:
             start = time.perf_counter()
             out = _stylize(model, variant, clip, cfg.sample, params.seed + index)
             seconds[variant] += time.perf_counter() - start
-            scores = score_clip(out, src, gt, flows)
-            if scorer is not None:
-                scores["clip_score"] = scorer(out, prompt)
-            curves.setdefault(variant, []).append(warp_error_per_frame(out, flows=flows))
-            rows.append({"clip": key, "variant": variant, **scores})
+            if variant in SOURCE_VARIANTS:
+                scores = {"source_psnr": psnr(out, src), "structure_ssim": structure_ssim(out, src)}
+            else:
+                scores = score_clip(out, src, gt, flows)
+                if scorer is not None:
+                    scores["clip_score"] = scorer(out, prompt)
+                curves.setdefault(variant, []).append(warp_error_per_frame(out, flows=flows))
+            rows.append({"clip": key, "variant": variant, "style": style, **scores})
             outputs[variant] = out
         if len(previews) < cfg.preview_clips:
             previews.append(outputs)
@@ -485,22 +513,46 @@ def evaluate(params: Params) -> dict[str, Any]:
     return summary
 
 
+def _se(values: list[float]) -> float:
+    """Standard error of the mean over clips (sample std / sqrt(n)); NaN below two finite values."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.std(finite, ddof=1) / math.sqrt(len(finite))) if len(finite) > 1 else float("nan")
+
+
+#: Metrics also reported per style (``style/<style>/<variant>/<metric>``).
+PER_STYLE_METRICS = ("style_psnr",)
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Flat ``<variant>/<metric>`` means over clips (NaNs skipped), key-sorted."""
+    """Flat ``<variant>/<metric>`` means over clips and their standard errors ``<variant>/<metric>_se`` (NaNs
+    skipped), plus ``style/<style>/<variant>/style_psnr`` per style; key-sorted."""
     values: dict[str, list[float]] = {}
+    per_style: dict[str, list[float]] = {}
     for row in rows:
         for metric, value in row.items():
-            if metric not in ("clip", "variant"):
-                values.setdefault(f"{row['variant']}/{metric}", []).append(float(value))
-    return {k: round(_mean(v), 6) for k, v in sorted(values.items())}
+            if metric in ("clip", "variant", "style"):
+                continue
+            values.setdefault(f"{row['variant']}/{metric}", []).append(float(value))
+            if metric in PER_STYLE_METRICS and row.get("style"):
+                per_style.setdefault(f"style/{row['style']}/{row['variant']}/{metric}", []).append(
+                    float(value)
+                )
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        out[k] = round(_mean(v), 6)
+        se = _se(v)
+        if not math.isnan(se):
+            out[f"{k}_se"] = round(se, 6)
+    out.update({k: round(_mean(v), 6) for k, v in per_style.items() if not math.isnan(_mean(v))})
+    return dict(sorted(out.items()))
 
 
 def write_per_clip_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """One row per (clip, variant); columns clip, variant, then every metric (blank when not computed)."""
-    metrics = sorted({k for r in rows for k in r} - {"clip", "variant"})
+    metrics = sorted({k for r in rows for k in r} - {"clip", "variant", "style"})
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["clip", "variant", *metrics], restval="")
+        writer = csv.DictWriter(f, fieldnames=["clip", "variant", "style", *metrics], restval="")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -527,7 +579,8 @@ def write_curve_csv(path: Path, curves: dict[str, list[np.ndarray]]) -> None:
 
 
 def plot_figures(folder: Path, metrics: dict[str, float], curves: dict[str, list[np.ndarray]]) -> list[Path]:
-    """Bar charts of every metric per variant and the warp-error curve, as PNGs (matplotlib Agg, offline)."""
+    """Bar charts of every metric per variant (± one standard error over clips) and the warp-error curve, as
+    PNGs (matplotlib Agg, offline)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,14 +588,22 @@ def plot_figures(folder: Path, metrics: dict[str, float], curves: dict[str, list
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    names = sorted({k.split("/", 1)[1] for k in metrics})
+    means = {k: v for k, v in metrics.items() if not k.startswith("style/") and not k.endswith("_se")}
+    names = sorted({k.split("/", 1)[1] for k in means})
     cols = 4
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
-        items = [(k.split("/", 1)[0], v) for k, v in metrics.items() if k.split("/", 1)[1] == name]
+        items = [(k.split("/", 1)[0], v) for k, v in means.items() if k.split("/", 1)[1] == name]
         items.sort(key=lambda item: _ORDER.index(item[0]) if item[0] in _ORDER else len(_ORDER))
-        ax.bar([v for v, _ in items], [0 if math.isnan(x) else x for _, x in items], color="tab:blue")
+        errors = [metrics.get(f"{v}/{name}_se", 0.0) for v, _ in items]
+        ax.bar(
+            [v for v, _ in items],
+            [0 if math.isnan(x) else x for _, x in items],
+            yerr=[0 if math.isnan(e) else e for e in errors],
+            color="tab:blue",
+            capsize=2,
+        )
         ax.set_title(name, fontsize=9)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
         ax.tick_params(axis="y", labelsize=7)
@@ -581,6 +642,7 @@ def preview_grid(previews: list[dict[str, np.ndarray]]) -> np.ndarray:
         "base": "no adapter",
         "cfg": "cfg",
         "cs_cfg": "cs_cfg",
+        "cfg_joint": "cfg_joint",
         "ground_truth": "ground truth",
     }
     length = min(len(p["source"]) for p in previews)
@@ -599,12 +661,18 @@ def preview_grid(previews: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def write_preview(path: Path, previews: list[dict[str, np.ndarray]], fps: float) -> None:
-    """An animated GIF of :func:`preview_grid` (Pillow; loops forever)."""
+    """An animated GIF of :func:`preview_grid` (Pillow; loops forever), and its first, middle and last frames
+    side by side, enlarged 2x, as a PNG next to it (``preview.png``: a still to look at or put in a README)."""
     from PIL import Image
 
     grid = preview_grid(previews)
     images = [Image.fromarray(f) for f in grid]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / max(fps, 1)), loop=0)
+    picks = sorted({0, len(grid) // 2, len(grid) - 1})
+    gap = np.full((grid.shape[1], 6, 3), 255, np.uint8)
+    still = np.concatenate([x for t in picks for x in (grid[t], gap)][:-1], axis=1)
+    still = cv2.resize(still, (still.shape[1] * 2, still.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    Image.fromarray(still).save(path.with_suffix(".png"))
 
 
 def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> str:

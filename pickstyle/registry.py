@@ -432,20 +432,32 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
         if champion is not None:
             raw = champion.tags.get(f"eval.{cfg.gate_metric}")
             champion_value = float(raw) if raw not in (None, "") else None
-        passed = champion is None or gate_passes(value, champion_value, cfg.higher_is_better, cfg.gate_margin)
+        se = metrics.get(f"{cfg.gate_metric}_se")
+        margin = max(
+            cfg.gate_margin, cfg.gate_se_multiple * se if se is not None and math.isfinite(se) else 0.0
+        )
+        passed = champion is None or gate_passes(value, champion_value, cfg.higher_is_better, margin)
         gate = {
             "metric": cfg.gate_metric,
             "value": value,
             "champion_version": champion.version if champion is not None else None,
             "champion_value": champion_value,
             "higher_is_better": cfg.higher_is_better,
-            "margin": cfg.gate_margin,
+            "margin": margin,
+            "standard_error": se,
             "passed": passed,
         }
 
         tags = provenance_tags(params, flow_run_id)
         tags["adapter_sha256"] = sha
-        tags.update({f"eval.{k}": repr(v) for k, v in metrics.items()})
+        # Only the gate metric and its spread as tags (every metric is in the registration run's metrics).
+        tags.update(
+            {
+                f"eval.{k}": repr(metrics[k])
+                for k in (cfg.gate_metric, f"{cfg.gate_metric}_se")
+                if k in metrics
+            }
+        )
         tags["gate_metric"] = cfg.gate_metric
         tags["gate_passed"] = str(passed).lower()
         artifacts = {"adapter": str(staged), "params": str(Path(tmp) / "params.json")}

@@ -39,9 +39,8 @@ from pickstyle.config import Params
 from pickstyle.data.shards import list_shards
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
+from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, sample_sigmas, shift_sigmas
 
-#: Wan's training timestep scale: the transformer takes ``timestep = σ · 1000``.
-NUM_TRAIN_TIMESTEPS = 1000
 #: Samples held in the shuffle buffer of each process (the tiny dataset fits whole).
 SHUFFLE_BUFFER = 256
 CHECKPOINT_PREFIX = "step-"
@@ -52,20 +51,6 @@ class TrainingError(PickstyleError):
 
 
 # --- the maths: small pure functions -----------------------------------------------------------------------------
-
-
-def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """Shift noise levels toward 1: σ' = shift·σ / (1 + (shift − 1)·σ) (Wan / SD3 timestep shift).
-
-    With ``shift > 1`` more of the draws land at high noise, where a 480p video's structure is decided.
-    """
-    return shift * u / (1.0 + (shift - 1.0) * u)
-
-
-def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """σ for each clip of a batch: a uniform draw u ~ U(0, 1), shifted (:func:`shift_sigmas`)."""
-    u = torch.rand(batch, generator=generator, dtype=torch.float32)
-    return shift_sigmas(u, shift)
 
 
 def fixed_noise(
@@ -84,17 +69,6 @@ def fixed_noise(
         sigmas.append(sample_sigmas(1, shift, g))
         noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
     return torch.cat(sigmas), torch.stack(noises)
-
-
-def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Rectified-flow interpolation x_t = (1 − σ)·x0 + σ·ε, with σ broadcast over ``[b, c, f, h, w]``."""
-    s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-    return (1.0 - s) * latents + s * noise
-
-
-def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The velocity the transformer predicts: d x_t / dσ = ε − x0."""
-    return noise - latents
 
 
 def _bell(sigmas: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Shared fixtures: the tiny Wan2.1-VACE backbone, built once per test session."""
+"""Shared fixtures: the pretrained tiny Wan2.1-VACE backbone (committed in ``models/backbone``), copied once per
+test session into a temporary ``models`` folder."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,19 +12,23 @@ import pytest
 # Nothing may be fetched from a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+#: The repository's committed, pretrained tiny backbone (the ``pretrain`` stage's output).
+COMMITTED_BACKBONE = Path(__file__).resolve().parents[1] / "models" / "backbone"
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny backbone's diffusers folder (default ``params.model.tiny`` sizes, seed 0); ~5 s to build.
+    """The pretrained tiny backbone's diffusers folder, at ``<tmp>/models/backbone``.
 
-    Built by ``ensure_backbone`` into ``<tmp>/models/backbone`` (with its marker), so a test whose params set
-    ``paths.models`` to ``tiny_backbone.parent`` (and keeps the default tiny sizes) reuses it without rebuilding.
+    A test whose params set ``paths.models`` to ``tiny_backbone.parent`` (and keep the default tiny sizes) uses it.
     """
-    from pickstyle.config import parse_params
-    from pickstyle.model.components import ensure_backbone
+    from pickstyle.config import TinyBackbone
+    from pickstyle.model.components import check_tiny_backbone
 
+    check_tiny_backbone(COMMITTED_BACKBONE, TinyBackbone())
     models = tmp_path_factory.mktemp("tiny") / "models"
-    return ensure_backbone(parse_params({"paths": {"models": str(models)}}))
+    shutil.copytree(COMMITTED_BACKBONE, models / "backbone")
+    return models / "backbone"
 
 
 @pytest.fixture(scope="module")

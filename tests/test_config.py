@@ -74,3 +74,16 @@ def test_bad_yaml(tmp_path):
     p.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(p)
+
+
+def test_default_negative_prompt_is_wans_byte_for_byte() -> None:
+    """Wan2.1's ``sample_neg_prompt`` (wan/configs/shared_config.py); both null-text branches of CS-CFG use it."""
+    from pickstyle.config import WAN_NEGATIVE_PROMPT
+
+    wan = (
+        "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+        "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+    )
+    assert WAN_NEGATIVE_PROMPT.encode("utf-8") == wan.encode("utf-8")
+    assert "丑陋的，残缺的，" in WAN_NEGATIVE_PROMPT

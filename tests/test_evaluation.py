@@ -135,15 +135,23 @@ def test_shape_mismatch_is_a_clear_error(source):
 
 def test_aggregate_and_tables(tmp_path, source, flows):
     rows = [
-        {"clip": "a", "variant": "identity", "warp_error": 1.0, "style_psnr": 10.0},
-        {"clip": "b", "variant": "identity", "warp_error": 3.0, "style_psnr": float("nan")},
-        {"clip": "a", "variant": "source", "warp_error": 0.5},
+        {"clip": "a", "variant": "identity", "style": "sepia", "warp_error": 1.0, "style_psnr": 10.0},
+        {"clip": "b", "variant": "identity", "style": "anime", "warp_error": 3.0, "style_psnr": float("nan")},
+        {"clip": "c", "variant": "identity", "style": "sepia", "warp_error": 2.0, "style_psnr": 14.0},
+        {"clip": "a", "variant": "source", "style": "sepia", "warp_error": 0.5},
     ]
     metrics = ev.aggregate(rows)
-    assert metrics == {"identity/style_psnr": 10.0, "identity/warp_error": 2.0, "source/warp_error": 0.5}
+    assert metrics == {
+        "identity/style_psnr": 12.0,
+        "identity/style_psnr_se": 2.0,  # std 2.83 (n - 1) / sqrt(2)
+        "identity/warp_error": 2.0,
+        "identity/warp_error_se": round(1 / 3**0.5, 6),
+        "source/warp_error": 0.5,
+        "style/sepia/identity/style_psnr": 12.0,
+    }
     ev.write_per_clip_csv(tmp_path / "per_clip.csv", rows)
     lines = (tmp_path / "per_clip.csv").read_text().splitlines()
-    assert lines[0] == "clip,variant,style_psnr,warp_error" and len(lines) == 4
+    assert lines[0] == "clip,variant,style,style_psnr,warp_error" and len(lines) == 5
     curves = {"source": [ev.warp_error_per_frame(source, flows=flows)] * 2}
     ev.write_curve_csv(tmp_path / "curve.csv", curves)
     assert (tmp_path / "curve.csv").read_text().splitlines()[0] == "frame,source"
@@ -164,6 +172,8 @@ def test_variant_samples():
     assert ev.variant_sample(s, "base").guidance == "cfg"
     assert ev.variant_sample(s, "cfg").adapter_scale == 0.8
     assert ev.variant_sample(s, "cs_cfg").guidance == "cs_cfg_apg"
+    assert ev.variant_sample(s, "cfg_joint").guidance == "cfg_joint"
+    assert ev.variant_sample(s, "reconstruct").adapter_scale == 0.0
     assert ev.variant_sample(Sample(guidance="none"), "cs_cfg").guidance == "cs_cfg"
 
 
@@ -290,12 +300,15 @@ def test_evaluate_stage_writes_metrics_plots_preview_and_mlflow(
     assert metrics["identity/warp_error"] == metrics["source/warp_error"]
     assert metrics["base/style_psnr"] != metrics["cfg/style_psnr"]  # the adapter scale really toggles
     assert metrics["cfg/style_psnr"] != metrics["cs_cfg/style_psnr"]
+    assert metrics["vae/source_psnr"] > 20 and math.isfinite(metrics["reconstruct/source_psnr"])
+    assert "vae/style_psnr" not in metrics  # the backbone checks are scored against the source only
     per_clip = (tmp_path / "eval" / "plots" / "per_clip.csv").read_text().splitlines()
-    assert len(per_clip) == 1 + 6  # header + 1 clip x (source, ground truth, 4 variants)
+    assert len(per_clip) == 1 + 9  # header + 1 clip x (source, ground truth, 7 variants)
     curve = (tmp_path / "eval" / "plots" / "warp_error_per_frame.csv").read_text().splitlines()
     assert curve[0].split(",")[0] == "frame" and len(curve) == 1 + 4
     assert (tmp_path / "eval" / "figures" / "metrics.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "preview.gif").read_bytes()[:3] == b"GIF"
+    assert (tmp_path / "eval" / "preview.png").read_bytes()[:4] == b"\x89PNG"
 
     from flows.evaluate import metrics_markdown, metrics_table
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pickstyle.config import parse_params
+from pickstyle.config import TinyBackbone, parse_params
 from pickstyle.data.shards import write_shards
 from pickstyle.data.video import encode_video
 from pickstyle.latents import LatentsError, build_latents, decode_latents, encode_clip, iter_latents
-from pickstyle.model.components import load_pipeline
+from pickstyle.model.components import load_pipeline, tiny_latent_geometry
 
 T, H, W = 9, 64, 96
 
@@ -55,10 +55,10 @@ def test_encode_clip_shapes_and_context(tiny_backbone: Path) -> None:
     pipe = load_pipeline(tiny_backbone)
     src, style = _clip(0)
     out = encode_clip(pipe, src, style, "sepia style. a scene")
-    f, h, w = (T - 1) // 4 + 1, H // 8, W // 8
+    c, f, h, w = tiny_latent_geometry(TinyBackbone(), T, H, W)
     assert out["target"].shape == (16, f, h, w)
     assert out["source"].shape == (16, f, h, w)
-    assert out["context"].shape == (96, f, h, w)
+    assert out["context"].shape == (c, f, h, w)
     assert out["prompt_embeds"].shape == (32, 32)  # [max_text_tokens, text_dim]
     assert torch.equal(out["context"][16:32], out["source"])  # reactive = normalised VAE(video)
     assert torch.all(out["context"][32:] == 1)  # mask = ones
@@ -122,7 +122,7 @@ def test_build_latents_round_trip(tiny_backbone: Path, tmp_path: Path) -> None:
     )
     summary = build_latents(params)
     assert summary["clips"] == 3 and summary["shards"] == 2 and summary["backbone"] == str(tiny_backbone)
-    assert summary["shapes"]["context"] == [96, 3, 8, 12]
+    assert summary["shapes"]["context"] == list(tiny_latent_geometry(TinyBackbone(), 9, 64, 96))
 
     stored = list(iter_latents(data / "latents"))
     assert [s["key"] for s in stored] == ["clip0000", "clip0001", "clip0002"]

@@ -18,7 +18,7 @@ MODEL = "pickstyle-test"
 
 @pytest.fixture(scope="module")
 def adapters(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three tiny adapters with different (non-zero) weights, saved in diffusers LoRA format."""
+    """Four tiny adapters with different (non-zero) weights, saved in diffusers LoRA format."""
     from pickstyle.model.adapters import add_context_style_adapter, save_adapter
     from pickstyle.model.components import load_pipeline
 
@@ -26,7 +26,7 @@ def adapters(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     add_context_style_adapter(pipe.transformer, rank=4, alpha=4.0)
     root = tmp_path_factory.mktemp("adapters")
     out = {}
-    for i, name in enumerate("abc"):
+    for i, name in enumerate("abcd"):
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for pname, p in pipe.transformer.named_parameters():
@@ -47,7 +47,7 @@ def project(tmp_path: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
     return params
 
 
-def _put(params, adapter: Path, metric: float | None) -> None:
+def _put(params, adapter: Path, metric: float | None, se: float | None = None) -> None:
     dst = Path(params.paths.models) / "adapter"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(adapter, dst)
@@ -58,6 +58,8 @@ def _put(params, adapter: Path, metric: float | None) -> None:
     metrics = {"cs_cfg/warp_error": 0.01} | (
         {params.register.gate_metric: metric} if metric is not None else {}
     )
+    if se is not None:
+        metrics[f"{params.register.gate_metric}_se"] = se
     (eval_dir / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -143,16 +145,22 @@ def test_register_versions_aliases_gate_tags_and_serving(
     assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 2
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
 
-    # Clearly better (by more than the margin): becomes champion.
+    # Better, but within the noise (gain 2 dB < 2 standard errors of 1.5 dB): @champion stays.
+    _put(params, adapters["d"], 22.0, se=1.5)
+    noisy = registry.register(params)
+    assert noisy["version"] == 3 and not noisy["promoted"] and noisy["gate"]["margin"] == 3.0
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
+
+    # Clearly better (by more than the margin and the spread): becomes champion.
     params.register.gate_margin = 2.0
-    _put(params, adapters["c"], 25.0)
+    _put(params, adapters["c"], 25.0, se=1.0)
     best = registry.register(params)
-    assert best["version"] == 3 and best["promoted"] and best["champion"] == 3
+    assert best["version"] == 4 and best["promoted"] and best["champion"] == 4
     assert best["gate"]["champion_value"] == 20.0 and best["gate"]["passed"]
-    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 3
-    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 3
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 4
+    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 4
     hits = registry.find_versions(params, MODEL, adapter_sha256=best["adapter_sha256"])
-    assert [h["version"] for h in hits] == [3] and hits[0]["aliases"] == ["challenger", "champion"]
+    assert [h["version"] for h in hits] == [4] and hits[0]["aliases"] == ["challenger", "champion"]
 
     # Serving: the champion, loaded by alias, stylizes a clip of any size (fitted to the profile's 64x96).
     _check_serving(params, tmp_path)

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    """One tiny backbone for the module (built by ``ensure_backbone`` on the first stylize)."""
-    return tmp_path_factory.mktemp("models")
+def models_dir(tiny_backbone) -> Path:
+    """The models folder holding the pretrained tiny backbone (no adapter: the base model stylizes)."""
+    return tiny_backbone.parent
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from pickstyle import training as tr
-from pickstyle.config import Params, parse_params
+from pickstyle.config import Params, TinyBackbone, parse_params
 from pickstyle.data.shards import list_shards, write_shards
 from pickstyle.latents import TENSOR_EXT, encode_sample
+from pickstyle.model.components import tiny_latent_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Latent geometry of the tiny profile (9 frames at 64x96): f = 3, h = 8, w = 12; text 32 tokens x 32.
-F, H, W, L, D = 3, 8, 12, 32, 32
+#: Latent geometry of the tiny profile (9 frames at 64x96) and its context channels; text 32 tokens x 32.
+C, F, H, W = tiny_latent_geometry(TinyBackbone(), 9, 64, 96)
+L, D = 32, 32
 
 
 @contextlib.contextmanager
@@ -62,7 +64,7 @@ def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0,
         kind = "reconstruct" if i >= n else "pair"
         tensors = {
             "target": torch.randn(16, F, H, W, generator=g),
-            "context": torch.randn(96, F, H, W, generator=g),
+            "context": torch.randn(C, F, H, W, generator=g),
             "source": torch.randn(16, F, H, W, generator=g),
             "prompt_embeds": torch.randn(L, D, generator=g),
         }
@@ -195,7 +197,7 @@ def test_only_lora_params_require_grad(workdir):
         hidden_states=x,
         timestep=torch.tensor([500.0]),
         encoder_hidden_states=torch.randn(1, L, D),
-        control_hidden_states=torch.randn(1, 96, F, H, W),
+        control_hidden_states=torch.randn(1, C, F, H, W),
         control_hidden_states_scale=torch.ones(len(transformer.config.vace_layers)),
         return_dict=False,
     )[0]
@@ -307,7 +309,7 @@ def _styled_clips(n: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
     return clips
 
 
-def test_overfit_a_handful_of_clips(tmp_path: Path):
+def test_overfit_a_handful_of_clips(tmp_path: Path, tiny_backbone: Path):
     """The loss falls by half on 2 real encoded clips ("overfit one batch": fixed noise/timestep per clip).
 
     The default tiny backbone (``params.model.tiny``) and the real code path; each clip keeps its noise and
@@ -316,6 +318,7 @@ def test_overfit_a_handful_of_clips(tmp_path: Path):
     from pickstyle.latents import encode_clip
     from pickstyle.model.components import ensure_backbone, load_pipeline
 
+    shutil.copytree(tiny_backbone, tmp_path / "models" / "backbone")
     params = _params(
         tmp_path,
         tmp_path / "models",

@@ -1,17 +1,16 @@
 """The frozen backbone: a tiny Wan2.1-VACE built offline, or a local diffusers-format Wan2.1-VACE folder.
 
 Every later stage loads the backbone the same way (:func:`load_pipeline` on a diffusers folder), so the tiny
-profile exercises exactly the code path of the real 1.3B/14B weights. The tiny folder is built once from small
-configs with a fixed seed (:func:`build_tiny_backbone`): transformer, VAE (z_dim 16, 8x spatial / 4x temporal
-compression like the real one), UMT5 encoder, an in-process tokenizer and Wan's flow-matching UniPC scheduler.
+profile exercises exactly the code path of the real 1.3B/14B weights. The tiny folder has the real classes at small
+sizes (:func:`init_tiny_pipeline`): transformer, VAE (z_dim 16, lighter compression than Wan's), UMT5 encoder, an
+in-process tokenizer and Wan's flow-matching UniPC scheduler; :mod:`pickstyle.pretrain` trains it from scratch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ from pickstyle.config import Params, TinyBackbone
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_dir, resolve_device, write_json
 
-#: Bump when the tiny builder changes the weights it makes (part of the cache key in ``pickstyle_backbone.json``).
-TINY_BUILDER_VERSION = 1
 #: The tiny backbone is "pretrained weights": its seed is fixed, not ``params.seed`` (a training knob).
 TINY_SEED = 0
 #: Marker written next to (tiny) or for (real) the backbone; DVC tracks it.
@@ -115,7 +112,7 @@ def build_tokenizer(max_text_tokens: int = 32):
 def tiny_transformer_config(tiny: TinyBackbone) -> dict[str, Any]:
     """``WanVACETransformer3DModel`` kwargs of the tiny profile (the real ones: :func:`real_config`)."""
     return {
-        "patch_size": (1, 2, 2),
+        "patch_size": tuple(tiny.patch_size),
         "num_attention_heads": tiny.num_attention_heads,
         "attention_head_dim": tiny.attention_head_dim,
         "in_channels": 16,
@@ -129,8 +126,50 @@ def tiny_transformer_config(tiny: TinyBackbone) -> dict[str, Any]:
         "eps": 1e-6,
         "rope_max_seq_len": 1024,
         "vace_layers": list(tiny.vace_layers),
-        "vace_in_channels": 96,
+        # inactive + reactive latents (16 + 16) + the mask folded to (VAE spatial factor)^2 channels (Wan: 64)
+        "vace_in_channels": 32 + tiny.vae_scale_spatial**2,
     }
+
+
+def tiny_latent_geometry(
+    tiny: TinyBackbone, frames: int, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """``(context channels, latent frames, latent height, latent width)`` of a clip on the tiny backbone."""
+    s, t = tiny.vae_scale_spatial, tiny.vae_scale_temporal
+    return 32 + s * s, (frames - 1) // t + 1, height // s, width // s
+
+
+def tiny_vae_config(tiny: TinyBackbone) -> dict[str, Any]:
+    """``AutoencoderKLWan`` kwargs of the tiny profile: z_dim 16 as Wan, lighter compression (see TinyBackbone)."""
+    return {
+        "base_dim": tiny.vae_base_dim,
+        "z_dim": 16,
+        "dim_mult": list(tiny.vae_dim_mult),
+        "num_res_blocks": 1,
+        "temperal_downsample": list(tiny.vae_temporal_downsample),
+        "scale_factor_spatial": tiny.vae_scale_spatial,
+        "scale_factor_temporal": tiny.vae_scale_temporal,
+    }
+
+
+def tiny_text_config(tiny: TinyBackbone, vocab_size: int):
+    """The tiny UMT5 encoder's config."""
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=tiny.text_dim,
+        d_kv=tiny.text_dim // tiny.text_heads,
+        d_ff=tiny.text_ffn_dim,
+        num_layers=tiny.text_layers,
+        num_heads=tiny.text_heads,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
 
 
 def real_config(name: str) -> dict[str, Any]:
@@ -183,86 +222,89 @@ def _scheduler():
     )
 
 
-def _calibrate_vae(vae) -> None:
-    """Set the random VAE's ``latents_mean``/``latents_std`` (16 entries each) to its own latent statistics.
+def calibrate_vae(vae, videos: torch.Tensor) -> None:
+    """Set the VAE's ``latents_mean``/``latents_std`` (16 entries each) to its own latent statistics on ``videos``.
 
-    Wan's published statistics belong to the trained VAE; a random one has latents of std ~0.1 around 0, which
-    those statistics would squash into near-constant targets. Calibrating on a fixed synthetic video (smooth
-    random fields plus fine noise, in [-1, 1]) gives unit-scale normalised latents, as the real VAE does.
+    Wan's published statistics belong to Wan's VAE; any other VAE needs its own, or the normalised latents the
+    transformer sees are not unit-scale.
+
+    Args:
+        vae: An ``AutoencoderKLWan``.
+        videos: ``[b, 3, f, h, w]`` in [-1, 1].
     """
-    gen = torch.Generator().manual_seed(1234)
-    coarse = torch.rand(2, 3, 3, 4, 6, generator=gen) * 2 - 1  # [b, c, f, h, w]
-    video = torch.nn.functional.interpolate(coarse, size=(9, 64, 96), mode="trilinear", align_corners=True)
-    video = (0.8 * video + 0.2 * (torch.rand(video.shape, generator=gen) * 2 - 1)).clamp(-1, 1)
     with torch.no_grad():
-        z = vae.encode(video).latent_dist.mode()  # [b, 16, f', h', w']
+        z = vae.encode(videos.to(vae.dtype)).latent_dist.mode().float()  # [b, 16, f', h', w']
     mean = [round(float(v), 5) for v in z.mean(dim=(0, 2, 3, 4))]
-    std = [round(float(v), 5) for v in z.std(dim=(0, 2, 3, 4))]
+    std = [round(max(float(v), 1e-3), 5) for v in z.std(dim=(0, 2, 3, 4))]
     vae.register_to_config(latents_mean=mean, latents_std=std)
 
 
-def build_tiny_backbone(
-    out_dir: str | Path, tiny: TinyBackbone, seed: int = TINY_SEED, marker: dict[str, Any] | None = None
-) -> Path:
-    """Build the tiny Wan2.1-VACE pipeline from configs and save it as a diffusers folder (atomically).
+def _calibration_video() -> torch.Tensor:
+    """A fixed synthetic video (smooth random fields plus fine noise, in [-1, 1]) for a random VAE's statistics."""
+    gen = torch.Generator().manual_seed(1234)
+    coarse = torch.rand(2, 3, 3, 4, 6, generator=gen) * 2 - 1  # [b, c, f, h, w]
+    video = torch.nn.functional.interpolate(coarse, size=(9, 64, 96), mode="trilinear", align_corners=True)
+    return (0.8 * video + 0.2 * (torch.rand(video.shape, generator=gen) * 2 - 1)).clamp(-1, 1)
+
+
+def init_tiny_pipeline(tiny: TinyBackbone, seed: int = TINY_SEED):
+    """A randomly initialised tiny ``WanVACEPipeline`` (the ``pretrain`` stage's starting point; tests' fixture).
 
     The same ``tiny`` sizes and ``seed`` give identical weights (each component draws from its own seed).
-
-    Args:
-        out_dir: Folder to write (replaced as a whole when the build succeeds).
-        tiny: Sizes (``params.model.tiny``).
-        seed: Seed of the random initialisation.
-        marker: Written as ``pickstyle_backbone.json`` inside the folder, so folder and marker appear together.
-
-    Returns:
-        ``out_dir`` as a Path.
     """
     from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    out_dir = Path(out_dir)
     tokenizer = build_tokenizer(tiny.max_text_tokens)
     with _seeded(seed):
         transformer = WanVACETransformer3DModel(**tiny_transformer_config(tiny))
     with _seeded(seed + 1):
-        # dim_mult of length 4 = three 2x spatial downsamples (8x); two temporal ones (4x), as the real VAE.
-        vae = AutoencoderKLWan(
-            base_dim=tiny.vae_base_dim,
-            z_dim=16,
-            dim_mult=[1, 2, 4, 4],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        )
-        _calibrate_vae(vae)
+        vae = AutoencoderKLWan(**tiny_vae_config(tiny))
+        calibrate_vae(vae, _calibration_video())
     with _seeded(seed + 2):
-        text_config = UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=tiny.text_dim,
-            d_kv=tiny.text_dim // tiny.text_heads,
-            d_ff=tiny.text_ffn_dim,
-            num_layers=tiny.text_layers,
-            num_heads=tiny.text_heads,
-            relative_attention_num_buckets=32,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            tie_word_embeddings=False,
-        )
-        text_encoder = UMT5EncoderModel(text_config).eval()
-    pipe = WanVACEPipeline(
+        text_encoder = UMT5EncoderModel(tiny_text_config(tiny, len(tokenizer))).eval()
+    return WanVACEPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         scheduler=_scheduler(),
         transformer=transformer,
     )
+
+
+def save_backbone(
+    pipe,
+    out_dir: str | Path,
+    marker: dict[str, Any] | None = None,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save a pipeline as a diffusers folder, atomically (the folder appears whole or not at all).
+
+    Args:
+        pipe: The pipeline.
+        out_dir: The folder (replaced as a whole).
+        marker: Written as ``pickstyle_backbone.json`` in the folder.
+        extras: Called with the temporary folder to add files (e.g. training curves) before it is renamed.
+    """
+    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes 0700; the folder is shared like any model folder
         pipe.save_pretrained(tmp, safe_serialization=True)
         if marker is not None:
             write_json(tmp / MARKER, marker)
+        if extras is not None:
+            extras(tmp)
     return out_dir
+
+
+def build_tiny_backbone(
+    out_dir: str | Path, tiny: TinyBackbone, seed: int = TINY_SEED, marker: dict[str, Any] | None = None
+) -> Path:
+    """Save a *randomly initialised* tiny backbone (tests and benchmarks that need no learned weights).
+
+    The embedded default's backbone is the pretrained one (:mod:`pickstyle.pretrain`).
+    """
+    return save_backbone(init_tiny_pipeline(tiny, seed), out_dir, marker)
 
 
 def backbone_path(params: Params) -> Path:
@@ -307,91 +349,36 @@ def missing_files(path: str | Path) -> list[str]:
     return missing
 
 
-def _cheap_hash(path: Path) -> str:
-    """sha256 of the config/tokenizer files' content plus every weight file's name, size and mtime.
-
-    Hashing tens of GB of weights on every ``dvc repro`` would take minutes; size+mtime catches a replaced file.
-    """
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        rel = str(p.relative_to(path))
-        h.update(rel.encode())
-        if p.suffix in (".json", ".txt", ".model"):
-            h.update(p.read_bytes())
-        else:
-            st = p.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def _tiny_key(tiny: TinyBackbone, seed: int) -> str:
-    import diffusers
-    import transformers
-
-    payload = {
-        "builder": TINY_BUILDER_VERSION,
-        "seed": seed,
-        "tiny": tiny.model_dump(mode="json"),
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__.split("+")[0],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def _file_lock(target: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX ``flock``) on ``target``, held for the block.
-
-    The lock file lives in the temp folder (named by the target's absolute path), not beside the DVC output.
-    """
-    import fcntl
-    import tempfile
-
-    digest = hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"pickstyle-{digest}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _tiny_is_current(out: Path, key: str) -> bool:
-    marker = out / MARKER
-    if not marker.is_file() or missing_files(out):
-        return False
-    try:
-        return json.loads(marker.read_text()).get("key") == key
-    except ValueError:
-        return False  # unreadable marker: rebuild
+def check_tiny_backbone(path: str | Path, tiny: TinyBackbone) -> None:
+    """Raise :class:`BackboneError` unless ``path`` holds a pretrained tiny backbone of the ``tiny`` sizes."""
+    path = Path(path)
+    missing = missing_files(path)
+    if missing:
+        raise BackboneError(
+            f"{path}: no pretrained tiny backbone (missing: {', '.join(missing)}); it is committed with the "
+            "repository, or made by `dvc repro pretrain` (README: The tiny backbone)"
+        )
+    want = tiny_transformer_config(tiny)
+    have = json.loads((path / "transformer" / "config.json").read_text())
+    diff = [k for k, v in want.items() if json.loads(json.dumps(v)) != have.get(k)]
+    if diff:
+        raise BackboneError(
+            f"{path}: the tiny backbone was pretrained with other sizes than params model.tiny "
+            f"(differs in {', '.join(diff)}); run `dvc repro pretrain` to pretrain one of these sizes"
+        )
 
 
 def ensure_backbone(params: Params) -> Path:
-    """Make the backbone available and return its diffusers folder.
+    """Check the backbone is available and return its diffusers folder.
 
-    tiny: build into ``<models>/backbone`` unless an identical build is there (``pickstyle_backbone.json`` holds
-    the key of sizes, seed, builder and library versions). Real profiles: check ``model.path`` is complete
-    (raising :class:`BackboneError` with every missing file) and write ``<models>/backbone/pickstyle_backbone.json``
-    (path + a cheap content hash) so DVC re-runs later stages when the weights change.
+    tiny: the pretrained folder ``<models>/backbone`` (made by the ``pretrain`` stage, committed with the
+    repository) must be there with the sizes of ``model.tiny``. Real profiles: check ``model.path`` is complete
+    (raising :class:`BackboneError` with every missing file).
     """
-    if params.active.backbone == "tiny":
-        out = backbone_path(params)
-        key = _tiny_key(params.model.tiny, TINY_SEED)
-        # Several processes (one per GPU under accelerate/torchrun) may call this at once: build under a lock,
-        # and re-check inside it so only the first one builds.
-        with _file_lock(out):
-            if not _tiny_is_current(out, key):
-                marker = {
-                    "kind": "tiny",
-                    "key": key,
-                    "seed": TINY_SEED,
-                    "tiny": params.model.tiny.model_dump(mode="json"),
-                }
-                build_tiny_backbone(out, params.model.tiny, seed=TINY_SEED, marker=marker)
-        return out
-
     path = backbone_path(params)
+    if params.active.backbone == "tiny":
+        check_tiny_backbone(path, params.model.tiny)
+        return path
     if not path.is_dir():
         raise BackboneError(
             f"{path}: model.path is not a folder (expected a diffusers-format Wan2.1-VACE folder)"
@@ -401,10 +388,6 @@ def ensure_backbone(params: Params) -> Path:
         raise BackboneError(
             f"{path}: incomplete diffusers-format Wan2.1-VACE folder; missing: " + ", ".join(missing)
         )
-    write_json(
-        Path(params.paths.models) / "backbone" / MARKER,
-        {"kind": params.active.backbone, "path": str(path.resolve()), "hash": _cheap_hash(path)},
-    )
     return path
 
 

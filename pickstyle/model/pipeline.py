@@ -174,7 +174,8 @@ class PickStylePipeline(WanVACEPipeline):
         if not video:
             raise ValueError("video has no frames")
         num_frames = len(video) if num_frames is None else num_frames
-        if num_frames != len(video) or (num_frames - 1) % self.vae_scale_factor_temporal:
+        # Wan's 4n+1 frames (also when a small VAE compresses time less: clips stay interchangeable)
+        if num_frames != len(video) or (num_frames - 1) % max(4, self.vae_scale_factor_temporal):
             raise ValueError(
                 f"num_frames must equal len(video) and be 4n+1, got num_frames={num_frames}, len(video)={len(video)}"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["pairs", "clips", "backbone", "latents", "train", "evaluate", "register"]
+STAGES = ["pretrain", "pairs", "clips", "latents", "train", "evaluate", "register"]
 
 
 def test_dvc_yaml_stages_deps_and_params_exist():
@@ -30,12 +31,60 @@ def test_dvc_yaml_stages_deps_and_params_exist():
                 f"{name}: dep {dep} is neither a file nor an earlier out"
             )
         for key in stage.get("params", []):
+            key = key.replace("${profile}", defaults["profile"])
             node = defaults
             for part in key.split("."):
                 assert part in node, f"{name}: param {key} is not in params.yaml"
                 node = node[part]
         for out in stage.get("outs", []) + stage.get("metrics", []):
             outs.add(out if isinstance(out, str) else next(iter(out)))
+
+
+def _module_file(module: str) -> Path | None:
+    for candidate in (
+        ROOT / f"{module.replace('.', '/')}.py",
+        ROOT / module.replace(".", "/") / "__init__.py",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Project modules (``pickstyle.*``, ``flows.*``) a file imports, at any depth of its code."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {n for n in names if n.split(".")[0] in ("pickstyle", "flows")}
+
+
+def _closure(start: Path) -> set[str]:
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [f for f in map(_module_file, _project_imports(path)) if f is not None]
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def test_stage_code_deps_are_exactly_what_the_flow_imports():
+    """Each stage depends on every project module its flow imports, transitively, and on no other."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in spec["stages"].items():
+        listed = {d for d in stage["deps"] if d.endswith(".py")}
+        assert listed == _closure(ROOT / "flows" / f"{name}.py"), name
+
+
+def test_stages_read_only_the_selected_profile():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in spec["stages"].items():
+        assert "profiles" not in stage["params"], f"{name} depends on every profile"
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pickstyle.config import TinyBackbone
 from pickstyle.model.adapters import (
     CONTEXT_STYLE_TARGETS,
     AdapterError,
@@ -18,14 +19,16 @@ from pickstyle.model.adapters import (
     read_adapter_info,
     save_adapter,
 )
-from pickstyle.model.components import load_pipeline
+from pickstyle.model.components import load_pipeline, tiny_latent_geometry
+
+C, F, H, W = tiny_latent_geometry(TinyBackbone(), 9, 64, 96)
 
 
 def _inputs() -> dict:
     g = torch.Generator().manual_seed(0)
     return {
-        "hidden_states": torch.randn(1, 16, 3, 8, 12, generator=g),  # [b, c, f, h, w]
-        "control_hidden_states": torch.randn(1, 96, 3, 8, 12, generator=g),
+        "hidden_states": torch.randn(1, 16, F, H, W, generator=g),  # [b, c, f, h, w]
+        "control_hidden_states": torch.randn(1, C, F, H, W, generator=g),
         "encoder_hidden_states": torch.randn(1, 32, 32, generator=g),  # [b, L, text_dim]
         "timestep": torch.tensor([500]),
         "return_dict": False,

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from pickstyle.config import TinyBackbone
 from pickstyle.model.cache import StepCache, step_cache
-from pickstyle.model.components import load_pipeline
+from pickstyle.model.components import load_pipeline, tiny_latent_geometry
 from pickstyle.model.pipeline import PickStylePipeline
 
 HEIGHT, WIDTH = 32, 48
+C, F, LH, LW = tiny_latent_geometry(TinyBackbone(), 5, HEIGHT, WIDTH)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,10 +31,10 @@ def video() -> np.ndarray:
 def _inputs(transformer, batch: int = 1, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
-        "hidden_states": torch.randn(batch, 16, 2, HEIGHT // 8, WIDTH // 8, generator=g),
+        "hidden_states": torch.randn(batch, 16, F, LH, LW, generator=g),
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, 8, transformer.config.text_dim, generator=g),
-        "control_hidden_states": torch.randn(batch, 96, 2, HEIGHT // 8, WIDTH // 8, generator=g),
+        "control_hidden_states": torch.randn(batch, C, F, LH, LW, generator=g),
         "return_dict": False,
     }
 

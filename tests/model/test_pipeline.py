@@ -48,9 +48,23 @@ def run(pipe, video, seed=0, **kwargs) -> np.ndarray:
     return np.asarray(out.frames[0])
 
 
-def test_cfg_reproduces_stock_wan_vace(pipe, video):
+@pytest.fixture(scope="module")
+def pipe_2x_time(tmp_path_factory):
+    """A random-init tiny backbone whose VAE halves time: diffusers' stock ``WanVACEPipeline`` cannot run a VAE
+    with 1x temporal compression (it "rounds" 4n+1 frames to 4n+2), the pretrained tiny backbone's."""
+    from pickstyle.config import TinyBackbone
+    from pickstyle.model.components import build_tiny_backbone
+
+    folder = build_tiny_backbone(
+        tmp_path_factory.mktemp("t2") / "b", TinyBackbone(vae_temporal_downsample=[True])
+    )
+    return load_pipeline(folder, "cpu", pipeline_cls=PickStylePipeline)
+
+
+def test_cfg_reproduces_stock_wan_vace(pipe_2x_time, video):
     from diffusers import WanVACEPipeline
 
+    pipe = pipe_2x_time
     stock = WanVACEPipeline(**pipe.components)
     stock.set_progress_bar_config(disable=True)
     expected = (

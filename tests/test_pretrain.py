@@ -1,0 +1,111 @@
+"""The pretrain stage: the committed backbone has learned; a short run is deterministic and resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pickstyle.config import parse_params
+from pickstyle.data.scenes import draw_scene, render_scene
+from pickstyle.evaluation import psnr, vae_roundtrip
+from pickstyle.files import sha256_file
+from pickstyle.model.components import load_pipeline
+from pickstyle.model.pipeline import PickStylePipeline
+from pickstyle.pretrain import pretrain, pretrain_styles, work_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _test_scene(index: int = 0) -> np.ndarray:
+    """Held-out test scene ``index``, exactly as the clips stage renders it for the evaluation."""
+    params = parse_params({})
+    p = params.active
+    settings = {
+        "seed": params.seed,
+        "height": p.height,
+        "width": p.width,
+        "test_objects": params.clips.test_objects,
+        "styles": list(params.pairs.styles),
+    }
+    return render_scene(draw_scene(index, settings), p.frames, p.height, p.width)
+
+
+def test_committed_vae_reconstructs_a_test_clip(tiny_backbone: Path) -> None:
+    pipe = load_pipeline(tiny_backbone)
+    src = _test_scene(0)
+    assert psnr(vae_roundtrip(pipe, src), src) >= 26.0
+
+
+def test_committed_backbone_follows_its_context(tiny_backbone: Path) -> None:
+    """ "reconstruct." + the source as VACE context gives the source back (the base model, no adapter)."""
+    pipe = load_pipeline(tiny_backbone, pipeline_cls=PickStylePipeline)
+    src = _test_scene(1)
+    out = pipe(
+        src,
+        "reconstruct. A rocket on its launch pad",
+        height=src.shape[1],
+        width=src.shape[2],
+        num_inference_steps=8,
+        guidance="cfg",
+        t_guide=5.0,
+        generator=torch.Generator().manual_seed(0),
+    ).frames[0]
+    out = (np.asarray(out) * 255).round().astype(np.uint8)
+    assert psnr(out, src) >= 22.0
+
+
+def test_holdout_style_is_never_pretrained() -> None:
+    params = parse_params({"pretrain": {"holdout_styles": ["sepia", "pixel"]}})
+    assert sorted(pretrain_styles(params.pretrain)) == ["anime", "sketch", "watercolor"]
+    with pytest.raises(Exception, match="unknown style"):
+        pretrain_styles(parse_params({"pretrain": {"holdout_styles": ["cubism"]}}).pretrain)
+
+
+def _small(models: Path) -> dict:
+    return {
+        "paths": {"models": str(models)},
+        "pretrain": {
+            "vae_frame_steps": 2,
+            "vae_clip_steps": 1,
+            "vae_batch": 4,
+            "clips": 8,
+            "steps": 3,
+            "warmup_steps": 1,
+            "log_every": 1,
+        },
+    }
+
+
+def _weights(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_short_pretrain_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
+    straight = parse_params(_small(tmp_path / "a"))
+    summary = pretrain(straight, log=lambda _: None)
+    out = Path(summary["backbone"])
+    assert (out / "model_index.json").is_file() and (out / "pretrain_loss.png").is_file()
+    assert summary["holdout_styles"] == ["sepia"]
+
+    # the same run in pieces: stop after the VAE, then after the latent set, then finish
+    pieces = parse_params(_small(tmp_path / "b"))
+    pretrain(pieces, log=lambda _: None, until="vae")
+    assert (work_dir(pieces) / "vae.pt").is_file() and not (tmp_path / "b" / "backbone").exists()
+    pretrain(pieces, log=lambda _: None, until="latents")
+    data = torch.load(work_dir(pieces) / "latents.pt", weights_only=False)
+    assert not any(c.startswith("Sepia") for c in data["captions"])  # the held-out style never appears
+    lines: list[str] = []
+    pretrain(pieces, log=lines.append)
+    assert any("resumed" in line for line in lines)
+    assert _weights(tmp_path / "b" / "backbone") == _weights(out)
+
+    # other settings: the checkpoints are not reused
+    changed = parse_params(
+        {**_small(tmp_path / "b"), "pretrain": {**_small(tmp_path)["pretrain"], "seed": 1}}
+    )
+    lines.clear()
+    pretrain(changed, log=lines.append, until="vae")
+    assert any("other settings" in line for line in lines)
