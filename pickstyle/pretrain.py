@@ -176,6 +176,9 @@ def _settings_key(params: Params, phase: str) -> str:
     dump = params.pretrain.model_dump(mode="json")
     dump.pop("log_every")
     dump.pop("device")
+    if phase != "decoder":  # the decoder fine-tune comes last: its settings never invalidate earlier phases
+        dump.pop("decoder_steps")
+        dump.pop("decoder_lr")
     payload = {
         "phase": phase,
         "pretrain": dump,
@@ -357,9 +360,6 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
     unique = sorted(set(captions))
     embeds = {c: _embed(pipe, c, device) for c in unique}
     null = _embed(pipe, WAN_NEGATIVE_PROMPT, device)
-    zeros = _encode(
-        pipe, np.full((frames, params.active.height, params.active.width, 3), 127, np.uint8), device
-    )
     state = {
         "key": key,
         "targets": torch.stack(targets),
@@ -367,7 +367,6 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
         "captions": captions,
         "embeds": embeds,
         "null": null,
-        "zeros": zeros,
         "latents_mean": list(pipe.vae.config.latents_mean),
         "latents_std": list(pipe.vae.config.latents_std),
     }
@@ -473,6 +472,71 @@ def train_transformer(
     model.eval()
 
 
+# --- phase 4: the VAE decoder ---------------------------------------------------------------------------------
+
+
+def finetune_decoder(pipe: Any, params: Params, device: torch.device, log: Log, history: list[dict]) -> None:
+    """Phase 4: the decoder alone (encoder frozen: the transformer's latent space stays), L1 + MSE on clips."""
+    cfg = params.pretrain
+    vae = pipe.vae
+    path, key = work_dir(params) / "decoder.pt", _settings_key(params, "decoder")
+    frozen = [vae.encoder, vae.quant_conv]
+    for module in frozen:
+        module.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.decoder_lr, weight_decay=0.0)
+    start = 0
+    state = _load_state(path, key, log)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        history.extend(state["history"])
+        log(f"pretrain/decoder: resumed at step {start}/{cfg.decoder_steps}")
+    if start < cfg.decoder_steps:
+        vae.to(device).train()
+        offset = cfg.vae_frame_steps + cfg.vae_clip_steps  # clip batches the VAE phase never drew
+        t0 = time.perf_counter()
+        for step in range(start, cfg.decoder_steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.decoder_lr * _lr_factor(step, 20, cfg.decoder_steps)
+            x = _vae_batch(params, offset + step).to(device)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+            y = vae.decode(z).sample
+            loss = (y - x).abs().mean() + ((y - x) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.decoder_steps:
+                row = {
+                    "phase": "decoder",
+                    "step": step + 1,
+                    "loss": round(loss.item(), 5),
+                    "psnr": round(psnr(y, x), 3),
+                }
+                history.append(row)
+                log(
+                    f"pretrain/decoder step {step + 1}/{cfg.decoder_steps} loss {row['loss']:.4f} "
+                    f"PSNR {row['psnr']:.2f} dB ({time.perf_counter() - t0:.0f} s)"
+                )
+            if (step + 1) % 100 == 0 or step + 1 == cfg.decoder_steps:
+                _save_state(
+                    path,
+                    {
+                        "key": key,
+                        "step": step + 1,
+                        "model": vae.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "history": [r for r in history if r["phase"] == "decoder"],
+                    },
+                )
+    for module in frozen:
+        module.requires_grad_(True)
+    vae.eval()
+
+
 # --- the stage --------------------------------------------------------------------------------------------------
 
 
@@ -486,8 +550,13 @@ def _write_curves(folder: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=["phase", "step", "loss", "psnr"])
         writer.writeheader()
         writer.writerows(history)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, phase, label in ((axes[0], "vae", "VAE L1"), (axes[1], "transformer", "flow-matching MSE")):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    panels = (
+        (axes[0], "vae", "VAE L1"),
+        (axes[1], "transformer", "flow-matching MSE"),
+        (axes[2], "decoder", "decoder L1 + MSE"),
+    )
+    for ax, phase, label in panels:
         rows = [r for r in history if r["phase"] == phase]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
         ax.set_title(f"pretrain: {label}")
@@ -505,7 +574,8 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     Args:
         params: The parameters (``pretrain``, ``model.tiny``, the tiny profile's geometry).
         log: Where progress lines go.
-        until: Stop after this phase (``vae`` or ``latents``), keeping its checkpoint; ``None`` = all.
+        until: Stop after this phase (``vae``, ``latents`` or ``transformer``), keeping its checkpoint;
+            ``None`` = all.
 
     Returns:
         A summary: phases' final losses, VAE PSNR on unseen scenes, seconds, the output folder.
@@ -530,6 +600,12 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     if until == "latents":
         return {"vae_psnr": vae_psnr, "clips": len(data["captions"])}
     train_transformer(pipe, data, params, device, log, history)
+    if until == "transformer":
+        return {"vae_psnr": vae_psnr, "clips": len(data["captions"])}
+    del data
+    finetune_decoder(pipe, params, device, log, history)
+    decoder_psnr = vae_check(pipe, params, device)
+    log(f"pretrain/decoder: {decoder_psnr:.2f} dB on unseen scenes")
     pipe.to("cpu")
     out = Path(params.paths.models) / "backbone"
     summary = {
@@ -538,10 +614,10 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
         "seed": cfg.seed,
         "holdout_styles": list(cfg.holdout_styles),
         "pretrain_styles": pretrain_styles(cfg),
-        "vae_psnr_unseen_scenes": round(vae_psnr, 3),
+        "vae_psnr_unseen_scenes": {"after_vae_phase": round(vae_psnr, 3), "final": round(decoder_psnr, 3)},
         "final_loss": {
             p: next((r["loss"] for r in reversed(history) if r["phase"] == p), None)
-            for p in ("vae", "transformer")
+            for p in ("vae", "transformer", "decoder")
         },
         "parameters": {
             name: sum(p.numel() for p in getattr(pipe, name).parameters())

@@ -74,6 +74,7 @@ def _small(models: Path) -> dict:
             "clips": 8,
             "steps": 3,
             "warmup_steps": 1,
+            "decoder_steps": 2,
             "log_every": 1,
         },
     }
@@ -97,6 +98,7 @@ def test_short_pretrain_is_deterministic_and_resumes_exactly(tmp_path: Path) -> 
     pretrain(pieces, log=lambda _: None, until="latents")
     data = torch.load(work_dir(pieces) / "latents.pt", weights_only=False)
     assert not any(c.startswith("Sepia") for c in data["captions"])  # the held-out style never appears
+    pretrain(pieces, log=lambda _: None, until="transformer")
     lines: list[str] = []
     pretrain(pieces, log=lines.append)
     assert any("resumed" in line for line in lines)
