@@ -131,7 +131,7 @@ class Profile(_Section):
 
 def _default_profiles() -> dict[str, Profile]:
     return {
-        "tiny": Profile(backbone="tiny", frames=9, height=64, width=96, fps=8, lora_rank=8, lora_alpha=8.0),
+        "tiny": Profile(backbone="tiny", frames=9, height=64, width=96, fps=8, lora_rank=32, lora_alpha=32.0),
         "wan-1.3b": Profile(backbone="wan-1.3b", frames=81, height=480, width=832, fps=16),
         "wan-14b": Profile(backbone="wan-14b", frames=81, height=480, width=832, fps=16),
     }
@@ -242,7 +242,7 @@ class Pretrain(_Section):
     null_text_prob: float = Field(default=0.1, ge=0, le=1)
     #: Last phase: the VAE decoder alone (encoder frozen, so the latent space the transformer learned is kept)
     #: fine-tuned on clips with L1 + MSE; sharpens every decoded output.
-    decoder_steps: int = Field(default=800, ge=0)
+    decoder_steps: int = Field(default=300, ge=0)
     decoder_lr: float = Field(default=5e-4, gt=0)
     log_every: int = Field(default=50, ge=1)
     device: str = "auto"

@@ -351,8 +351,8 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
     """The sampling settings of one variant (``identity`` needs none).
 
     * ``base``   — no adapter (scale 0), plain text CFG: what the frozen backbone does on its own;
-    * ``reconstruct`` — no adapter, the caption ``"reconstruct. <description>"``: does the backbone follow its
-      context (scored against the source);
+    * ``reconstruct`` — no adapter, no guidance, the caption ``"reconstruct. <description>"``: does the backbone
+      follow its context (scored against the source);
     * ``cfg``    — the adapter, plain text CFG;
     * ``cfg_joint`` — the adapter, one CFG against (∅ text, permuted context): text and context not separated;
     * ``cs_cfg`` — the adapter, Context-Style CFG (``evaluate.sample.guidance`` if it is a CS-CFG mode).
@@ -360,7 +360,8 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
     if variant == "base":
         return sample.model_copy(update={"guidance": "cfg", "adapter_scale": 0.0})
     if variant == "reconstruct":
-        return sample.model_copy(update={"guidance": "cfg", "adapter_scale": 0.0})
+        # the backbone's own prediction: guidance would measure the null-text branch too, not the context
+        return sample.model_copy(update={"guidance": "none", "adapter_scale": 0.0})
     if variant == "cfg":
         return sample.model_copy(update={"guidance": "cfg"})
     if variant == "cfg_joint":
