@@ -66,7 +66,7 @@ def test_overrides_and_lora_defaults(tmp_path):
     params = load_params(p, {"train.lr": 0.1, "profile": "wan-1.3b"})
     assert params.train.steps == 7 and params.train.lr == 0.1
     assert params.lora_rank == 128 and params.lora_alpha == 128
-    assert load_params(p).lora_rank == 8
+    assert load_params(p).lora_rank == 32
 
 
 def test_bad_yaml(tmp_path):
