@@ -209,6 +209,30 @@ def _load_state(path: Path, key: str, log: Log) -> dict[str, Any] | None:
     return state
 
 
+def _resume(path: Path, key: str, model, opt, history: list[dict], log: Log, name: str, total: int) -> int:
+    """Load a phase's checkpoint (model, optimizer, curve) when it matches ``key``; returns the step to start at."""
+    state = _load_state(path, key, log)
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    history.extend(state["history"])
+    log(f"{name}: resumed at step {state['step']}/{total}")
+    return state["step"]
+
+
+def _checkpoint(path: Path, key: str, step: int, model, opt, history: list[dict], phase: str) -> None:
+    """Save a phase's checkpoint, mirroring :func:`_resume`: model, optimizer and that phase's curve."""
+    state = {
+        "key": key,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "history": [r for r in history if r["phase"] == phase],
+    }
+    _save_state(path, state)
+
+
 def _lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to ``floor`` of the peak."""
     if step < warmup:
@@ -233,14 +257,7 @@ def train_vae(pipe: Any, params: Params, device: torch.device, log: Log, history
     total = cfg.vae_frame_steps + cfg.vae_clip_steps
     path, key = work_dir(params) / "vae.pt", _settings_key(params, "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    start = 0
-    state = _load_state(path, key, log)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        history.extend(state["history"])
-        log(f"pretrain/vae: resumed at step {start}/{total}")
+    start = _resume(path, key, vae, opt, history, log, "pretrain/vae", total)
     if start >= total:
         return
     vae.to(device).train()
@@ -269,16 +286,7 @@ def train_vae(pipe: Any, params: Params, device: torch.device, log: Log, history
                 f"({time.perf_counter() - t0:.0f} s)"
             )
         if (step + 1) % 100 == 0 or step + 1 == total:
-            _save_state(
-                path,
-                {
-                    "key": key,
-                    "step": step + 1,
-                    "model": vae.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "history": [r for r in history if r["phase"] == "vae"],
-                },
-            )
+            _checkpoint(path, key, step + 1, vae, opt, history, "vae")
     vae.eval()
 
 
@@ -417,14 +425,7 @@ def train_transformer(
     model = pipe.transformer
     path, key = work_dir(params) / "transformer.pt", _settings_key(params, "transformer")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    start = 0
-    state = _load_state(path, key, log)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        history.extend(state["history"])
-        log(f"pretrain/transformer: resumed at step {start}/{cfg.steps}")
+    start = _resume(path, key, model, opt, history, log, "pretrain/transformer", cfg.steps)
     if start >= cfg.steps:
         return
     zeros = _zero_context_latent(pipe, params, device)
@@ -459,16 +460,7 @@ def train_transformer(
                 f"pretrain/transformer step {step + 1}/{cfg.steps} loss {row['loss']:.4f} ({rate:.2f} steps/s)"
             )
         if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
-            _save_state(
-                path,
-                {
-                    "key": key,
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "history": [r for r in history if r["phase"] == "transformer"],
-                },
-            )
+            _checkpoint(path, key, step + 1, model, opt, history, "transformer")
     model.eval()
 
 
@@ -485,14 +477,7 @@ def finetune_decoder(pipe: Any, params: Params, device: torch.device, log: Log, 
         module.requires_grad_(False)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.decoder_lr, weight_decay=0.0)
-    start = 0
-    state = _load_state(path, key, log)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        history.extend(state["history"])
-        log(f"pretrain/decoder: resumed at step {start}/{cfg.decoder_steps}")
+    start = _resume(path, key, vae, opt, history, log, "pretrain/decoder", cfg.decoder_steps)
     if start < cfg.decoder_steps:
         vae.to(device).train()
         offset = cfg.vae_frame_steps + cfg.vae_clip_steps  # clip batches the VAE phase never drew
@@ -522,16 +507,7 @@ def finetune_decoder(pipe: Any, params: Params, device: torch.device, log: Log, 
                     f"PSNR {row['psnr']:.2f} dB ({time.perf_counter() - t0:.0f} s)"
                 )
             if (step + 1) % 100 == 0 or step + 1 == cfg.decoder_steps:
-                _save_state(
-                    path,
-                    {
-                        "key": key,
-                        "step": step + 1,
-                        "model": vae.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "history": [r for r in history if r["phase"] == "decoder"],
-                    },
-                )
+                _checkpoint(path, key, step + 1, vae, opt, history, "decoder")
     for module in frozen:
         module.requires_grad_(True)
     vae.eval()
