@@ -1,5 +1,8 @@
 """Stage ``train``: train the context-style LoRA adapter on the cached latents. ``python -m flows.train``.
 
+A killed run (``kill -9``, a pre-empted job) continues from its last checkpoint on the next ``dvc repro``: the
+checkpoints live in ``models/.checkpoints/adapter``, outside the stage's output. ``--fresh`` starts from step 0.
+
 Multi-GPU runs bypass Prefect (one process per GPU): ``accelerate launch --config_file
 configs/accelerate/ddp.yaml -m pickstyle.cli train``.
 """
@@ -16,13 +19,13 @@ from pickstyle.training import train
 
 
 @flow(name="train", log_prints=True)
-def train_flow(params: Params, resume: bool = False) -> dict:
-    summary = train(params, resume=resume)
+def train_flow(params: Params, fresh: bool = False) -> dict:
+    summary = train(params, fresh=fresh)
     summary_artifact("train-summary", "Context-style adapter training", summary)
     return summary
 
 
 if __name__ == "__main__":
-    resume = "--resume" in sys.argv[1:]
-    params, _ = stage_params([a for a in sys.argv[1:] if a != "--resume"], __doc__)
-    train_flow(params, resume=resume)
+    fresh = "--fresh" in sys.argv[1:]
+    params, _ = stage_params([a for a in sys.argv[1:] if a != "--fresh"], __doc__)
+    train_flow(params, fresh=fresh)

@@ -78,7 +78,7 @@ def cmd_latents(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from pickstyle.training import train
 
-    _print(train(_params(args), resume=args.resume))
+    _print(train(_params(args), fresh=args.fresh))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params_args(p)
         if name == "train":
             p.add_argument(
-                "--resume", action="store_true", help="resume from the last checkpoint in models/adapter"
+                "--fresh",
+                action="store_true",
+                help="start from step 0 (default: continue from the last checkpoint made with the same settings)",
             )
         elif name == "import-adapter":
             p.add_argument("checkpoint", help="official PickStyle checkpoint (.pth)")

@@ -287,7 +287,7 @@ class Train(_Section):
     device: str = "auto"
     #: MLflow experiment for training runs.
     experiment: str = "pickstyle-train"
-    #: Most recent checkpoints kept in ``<models>/adapter/checkpoints`` (0 = keep all). [train helper]
+    #: Most recent checkpoints kept in ``<models>/.checkpoints/adapter`` (0 = keep all). [train helper]
     keep_checkpoints: int = 2
     #: Log the run to MLflow (off for quick experiments and most tests). [train helper]
     mlflow: bool = True

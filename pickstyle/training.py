@@ -12,9 +12,12 @@ from the clip shards encoded by the VAE and text encoder every step (``mode: on_
 pure function of ``params.seed``, the epoch and the process rank, so a checkpoint only needs the number of samples
 each process has consumed. Multi-GPU runs go through ``accelerate launch`` (DDP; ``configs/accelerate/``).
 
-Checkpoints (``<models>/adapter/checkpoints/step-N/``) hold the LoRA weights, optimizer, lr scheduler, every
-process's RNG states and data position; ``train(params, resume=True)`` continues from the newest one and ends with
-the same adapter, bit for bit on CPU, as an uninterrupted run.
+Checkpoints (``<models>/.checkpoints/adapter/step-N/``) hold the LoRA weights, optimizer, lr scheduler, every
+process's RNG states and data position. They live outside the stage's DVC output (``dvc repro`` deletes
+``models/adapter`` before it reruns the stage) and carry a *run key*: a hash of everything that decides the
+adapter (the train params but the step count and bookkeeping, the LoRA, the seed, the data and the backbone).
+``train(params)`` continues from the newest checkpoint whose key matches, and ends with the same adapter, bit for
+bit on CPU, as an uninterrupted run; a checkpoint of other settings is set aside (the message says what differs).
 """
 
 from __future__ import annotations
@@ -253,8 +256,87 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_dir(params: Params) -> Path:
-    """``<models>/adapter/checkpoints``."""
-    return Path(params.paths.models) / "adapter" / "checkpoints"
+    """``<models>/.checkpoints/adapter``: beside, not inside, the stage's output (DVC deletes outputs on rerun)."""
+    return Path(params.paths.models) / ".checkpoints" / "adapter"
+
+
+#: Train fields that do not change the adapter a step produces: a checkpoint made under other values resumes.
+_BOOKKEEPING = {
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "mlflow",
+    "experiment",
+    "device",
+}
+
+
+def _files_fingerprint(files: list[Path], sample: int = 1 << 20) -> list[list[Any]]:
+    """Name, size and a hash of the first and last MiB of each file: cheap on a 1 TB latent cache, and any
+    rebuilt shard (new settings change every sample, so its head) differs."""
+    out = []
+    for f in files:
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample))
+            if size > 2 * sample:
+                fh.seek(size - sample)
+                h.update(fh.read(sample))
+        out.append([f.name, size, h.hexdigest()])
+    return out
+
+
+def run_key(params: Params, shards: list[Path], lora: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Everything that decides the adapter; a checkpoint resumes only under an equal key."""
+    from pickstyle.model.components import backbone_path
+
+    t = params.train.model_dump(mode="json")
+    backbone = backbone_path(params)
+    configs = sorted(p for p in backbone.rglob("*.json") if p.is_file())
+    return {
+        "train": {k: v for k, v in sorted(t.items()) if k not in _BOOKKEEPING},
+        "lora": lora,
+        "seed": params.seed,
+        "world_size": world_size,
+        "dtype": params.model.dtype,
+        "data": _files_fingerprint(shards),
+        "backbone": _files_fingerprint(configs + sorted(backbone.rglob("*.safetensors"))),
+    }
+
+
+def _key_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The first-level fields (and train fields) that differ, for the "starting fresh" message."""
+    diff = []
+    for k in sorted(set(saved) | set(current)):
+        if saved.get(k) == current.get(k):
+            continue
+        if k == "train" and isinstance(saved.get(k), dict):
+            a, b = saved[k], current[k]
+            diff += [
+                f"train.{f}: {a.get(f)!r} -> {b.get(f)!r}"
+                for f in sorted(set(a) | set(b))
+                if a.get(f) != b.get(f)
+            ]
+        else:
+            diff.append(k)
+    return ", ".join(diff) or "unknown"
+
+
+def find_resumable(folder: Path, key: dict[str, Any], steps: int) -> tuple[Path | None, str]:
+    """The newest checkpoint of ``folder`` made under ``key`` (and not past ``steps``), and a one-line reason."""
+    found = list_checkpoints(folder)
+    if not found:
+        return None, f"no checkpoint in {folder}: starting from step 0"
+    newest = found[-1]
+    state = json.loads((newest / "state.json").read_text())
+    if state.get("key") != key:
+        why = _key_difference(state.get("key") or {}, key)
+        return None, f"{newest} was made with other settings ({why}): starting from step 0"
+    if int(state["step"]) > steps:
+        return None, f"{newest} is past train.steps={steps}: starting from step 0"
+    return newest, f"resuming from {newest} (step {state['step']})"
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -517,7 +599,9 @@ def _flat_params(params: Params) -> dict[str, Any]:
     return out
 
 
-def train(params: Params, resume: bool = False, *, stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    params: Params, fresh: bool = False, *, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """Train the context-style LoRA adapter; writes ``<models>/adapter/`` and an MLflow run.
 
     Runs as one process or under ``accelerate launch`` / ``torchrun`` (DDP: every process draws its own
@@ -525,10 +609,12 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
 
     Args:
         params: The pipeline params (``train``, ``paths``, the active profile's LoRA defaults, ``seed``).
-        resume: Continue from the newest checkpoint in ``<models>/adapter/checkpoints`` (from step 0 if there is
-            none). Otherwise old checkpoints are deleted first.
-        stop_after: Stop after this many steps of this run without writing the final adapter, as if the
-            process were killed there (tests of exact resume use it).
+        fresh: Start from step 0 and delete the old checkpoints. Otherwise the run continues from the newest
+            checkpoint in ``<models>/.checkpoints/adapter`` made with the same settings and data (a killed
+            ``dvc repro`` picks up where it stopped); one made with other settings is replaced, and the log
+            says which settings differ.
+        on_step: Called with the step number after each optimizer step (progress reporting; an exception it
+            raises stops the run the way a kill would, after the last checkpoint).
 
     Returns:
         The summary also written to ``train_summary.json``: losses, steps, samples/s, LoRA size, MLflow run id.
@@ -555,18 +641,16 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
         if t.mode == "cached"
         else list_shards(data_dir / "clips", "clips")
     )
-
-    ckpt: Path | None = None
-    if resume:
-        found = list_checkpoints(ckpt_root)
-        ckpt = found[-1] if found else None
-        if ckpt is None and main:
-            print(f"train: no checkpoint in {ckpt_root}; starting from step 0")
-    elif main:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
     if main:
         (out / "train_summary.json").unlink(missing_ok=True)  # present = the adapter in ``out`` is complete
-        ensure_backbone(params)  # tiny: built once, by one process, before the others load it
+        ensure_backbone(params)
+    lora_cfg = _lora_config(params)
+    key = run_key(params, shards, lora_cfg, world)
+    ckpt, why = (None, "train: fresh start requested") if fresh else find_resumable(ckpt_root, key, t.steps)
+    if main:
+        print(f"train: {why}")
+        if ckpt is None:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
     accelerator.wait_for_everyone()
 
     # Per-process seeds: processes must draw different noise, and a rerun must draw the same.
@@ -576,7 +660,6 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
     generator = torch.Generator().manual_seed(params.seed * 1_000_003 + rank)
 
     transformer, pipe = _build_model(params, str(device), t.mode)
-    lora_cfg = _lora_config(params)
     state: dict[str, Any] = {}
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
@@ -631,10 +714,6 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
     step, status = start_step, "FAILED"
     try:
         for step in range(start_step + 1, t.steps + 1):
-            if stop_after is not None and step > start_step + stop_after:
-                step -= 1
-                status = "KILLED"
-                break
             tic = time.perf_counter()
             batch = next_batch()
             latents = batch["latents"].to(device, torch.float32)  # [b, 16, f, h, w]
@@ -714,11 +793,13 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
                         "world_size": world,
                         "mlflow_run_id": run_id,
                         "seed": params.seed,
+                        "key": key,
                     },
                     keep=t.keep_checkpoints,
                 )
-        else:
-            status = "FINISHED"
+            if on_step is not None:
+                on_step(step)
+        status = "FINISHED"
     finally:
         pbar.close()
         if run_id is not None and status != "FINISHED":
@@ -742,9 +823,6 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
         "adapter_dir": str(out),
         "mlflow_run_id": run_id,
     }
-    if status != "FINISHED":
-        summary["stopped"] = True
-        return summary
     if main:
         try:
             _write_final(accelerator.unwrap_model(model), out, history, summary, run_id)

@@ -41,6 +41,18 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
+class _Killed(Exception):
+    """Stands for a kill: raised from the step callback, it ends the run after the step's checkpoint."""
+
+
+def _kill_after(n: int):
+    def on_step(step: int) -> None:
+        if step >= n - 1:  # the run dies during step n, before its checkpoint
+            raise _Killed(step)
+
+    return on_step
+
+
 def _params(root: Path, models: Path, **train) -> Params:
     base = {"mlflow": False, "checkpoint_every": 0, "log_every": 5, "warmup_steps": 2, "lr": 1e-3}
     return parse_params(
@@ -218,10 +230,10 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
         models_b = tmp_path / "models-b"
         shutil.copytree(models / "backbone", models_b / "backbone")
         params_b = _params(root, models_b, **kw)
-        killed = tr.train(params_b, stop_after=5)  # "killed" after step 5: step 5 is lost, step 4 is saved
-        assert killed["stopped"] and killed["steps"] == 5
+        with pytest.raises(_Killed):  # "killed" after step 5: step 5 is lost, step 4 is saved
+            tr.train(params_b, on_step=_kill_after(5))
         assert not (models_b / "adapter" / "train_summary.json").exists()
-        ckpts = tr.list_checkpoints(models_b / "adapter" / "checkpoints")
+        ckpts = tr.list_checkpoints(tr.checkpoint_dir(params_b))
         assert [p.name for p in ckpts] == ["step-2", "step-4"]
         assert {p.name for p in ckpts[-1].iterdir()} == {
             "lora.safetensors",
@@ -230,7 +242,7 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
             "rank-0.pt",
             "state.json",
         }
-        resumed = tr.train(params_b, resume=True)
+        resumed = tr.train(params_b)  # resumes by itself: same settings, same data
     assert resumed["start_step"] == 4 and resumed["steps"] == 7
     w_resumed = load_file(models_b / "adapter" / "pytorch_lora_weights.safetensors")
     assert w_straight.keys() == w_resumed.keys()
@@ -240,7 +252,27 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
     with open(models_b / "adapter" / "loss.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 8))
     # keep_checkpoints=2 prunes the older ones.
-    assert [p.name for p in tr.list_checkpoints(models_b / "adapter" / "checkpoints")] == ["step-4", "step-6"]
+    assert [p.name for p in tr.list_checkpoints(tr.checkpoint_dir(params_b))] == ["step-4", "step-6"]
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(workdir, capsys):
+    root, models = workdir
+    _random_latents(root / "data", n=4, shard_size=2)
+    kw = {"steps": 4, "checkpoint_every": 2, "keep_checkpoints": 1}
+    with _threads(1):
+        tr.train(_params(root, models, **kw))
+        capsys.readouterr()
+        # more steps and other bookkeeping resume...
+        more = tr.train(_params(root, models, **{**kw, "steps": 6, "log_every": 3}))
+        assert more["start_step"] == 4 and "resuming from" in capsys.readouterr().out
+        # ...another learning rate does not, and the log says why
+        other = tr.train(_params(root, models, **{**kw, "lr": 5e-4}))
+        assert other["start_step"] == 0
+        assert "train.lr: 0.001 -> 0.0005" in capsys.readouterr().out
+        # new data does not either
+        _random_latents(root / "data", n=4, shard_size=2, seed=1)
+        again = tr.train(_params(root, models, **{**kw, "lr": 5e-4}))
+        assert again["start_step"] == 0 and "data" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir):
