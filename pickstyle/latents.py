@@ -1,17 +1,22 @@
 """Stage ``latents``: encode every training clip once (VAE + text), so training runs the transformer only.
 
-Per clip, with the backbone's own pipeline code (so the tensors equal what sampling feeds the transformer):
+Per clip, with the backbone's own pipeline code (:func:`encode_clip`: the tensors equal what sampling feeds the
+transformer), the cache stores only the information (DESIGN §2; ``latents.safetensors`` + the clip's ``json``):
 
-- ``target``  ``[16, f, h, w]``: the style clip's VAE latent, normalised ``(z - mean) / std`` with the VAE's
-  ``latents_mean``/``latents_std`` (fp32: the loss is computed on it);
-- ``context`` ``[96, f, h, w]``: the source clip's VACE context with mask = ones, i.e. VAE(0) (inactive),
-  VAE(video) (reactive) and the 64-channel mask, from ``preprocess_conditions``/``prepare_video_latents``/
-  ``prepare_masks`` (in the transformer's dtype, as the pipeline casts it);
-- ``source``  ``[16, f, h, w]``: the normalised source latent (the reactive half of the context; fp32);
-- ``prompt_embeds`` ``[L, text_dim]``: ``encode_prompt(caption)`` padded to :func:`prompt_length` tokens.
+- ``target`` ``[16, f, h, w]``: the style clip's VAE latent, normalised ``(z - mean) / std`` with the VAE's
+  ``latents_mean``/``latents_std``;
+- ``source`` ``[16, f, h, w]``: the normalised source latent: the reactive half of the VACE context;
+- ``prompt_embeds`` ``[n, text_dim]``: ``encode_prompt(caption)`` at its true length ``n`` (Wan pads the rest with
+  zeros; :func:`decode_latents` pads back to the stored ``prompt_length``);
 
-with ``f = (T - 1) / 4 + 1``, ``h = H / 8``, ``w = W / 8``. Stored as ``latents.safetensors`` + ``json`` (the
-clip's metadata) in ``<data>/latents/latents-%06d.tar``.
+in the transformer's dtype (bf16 on GPU). The 96-channel context ``[VAE(0), VAE(source), mask]`` is rebuilt when
+batching: VAE(0) (inactive half) and the 64-channel mask (ones) are the same for every clip, stored once per
+folder in ``context.safetensors``. At 81x480x832 this is 8.6 MB per clip instead of 46 MB
+(:func:`cache_bytes_per_clip`).
+
+``f = (T - 1) / t + 1``, ``h = H / s``, ``w = W / s`` for the VAE's temporal/spatial factors t, s. Shards:
+``<data>/latents/latents-%06d.tar``; the folder is a ``persist: true`` DVC output and a killed run keeps its
+complete shards (:class:`pickstyle.data.shards.ShardProgress`).
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ import PIL.Image
 import torch
 
 from pickstyle.config import Params
-from pickstyle.data.shards import ShardSink, iter_samples, list_shards
+from pickstyle.data.shards import ShardProgress, ShardSink, files_fingerprint, iter_samples, list_shards
 from pickstyle.errors import PickstyleError
-from pickstyle.files import atomic_dir, resolve_device, write_json
+from pickstyle.files import atomic_path, resolve_device, write_json
 
 PREFIX = "latents"
 TENSOR_EXT = "latents.safetensors"
-#: Tensors of every latents sample.
-KEYS = ("target", "context", "source", "prompt_embeds")
+#: Tensors stored per latents sample.
+KEYS = ("target", "source", "prompt_embeds")
+#: Per folder: the context's constant parts (``inactive`` = normalised VAE(0), ``mask``), one copy.
+CONTEXT_FILE = "context.safetensors"
 
 
 class LatentsError(PickstyleError):
@@ -161,6 +168,83 @@ def encode_clip(
     }
 
 
+def lean(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`encode_clip`'s tensors -> (what a sample stores, the context's constant parts).
+
+    The prompt keeps its true length: the trailing all-zero rows are Wan's padding (restored by
+    :func:`decode_latents`, so dropping them loses nothing even if a real row were zero).
+    """
+    prompt = tensors["prompt_embeds"]
+    nonzero = prompt.abs().sum(dim=-1).nonzero()
+    n = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    dtype = tensors["context"].dtype
+    z = tensors["source"].shape[0]
+    stored = {
+        "target": tensors["target"].to(dtype),
+        "source": tensors["context"][z : 2 * z],  # the reactive half, exactly as the context holds it
+        "prompt_embeds": prompt[:n],
+    }
+    constants = {"inactive": tensors["context"][:z], "mask": tensors["context"][2 * z :]}
+    return stored, constants
+
+
+def build_context(source: torch.Tensor, constants: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 96-channel VACE context ``[VAE(0), source, mask]`` of one clip (``source`` ``[16, f, h, w]``)."""
+    return torch.cat([constants["inactive"].to(source), source, constants["mask"].to(source)], dim=0)
+
+
+def cache_bytes_per_clip(
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    z: int = 16,
+    spatial: int = 8,
+    temporal: int = 4,
+    text_dim: int = 4096,
+    prompt_tokens: int = 512,
+    stored_tokens: int = 64,
+    bytes_per: int = 2,
+    lean_cache: bool = True,
+) -> int:
+    """Bytes of one cached clip (Wan2.1 geometry by default): the lean layout, or the old full one (fp32 target
+    and source, the 96-channel context, the prompt padded to 512 tokens)."""
+    f, h, w = (frames - 1) // temporal + 1, height // spatial, width // spatial
+    latent = z * f * h * w
+    if lean_cache:
+        return 2 * latent * bytes_per + stored_tokens * text_dim * bytes_per
+    return 2 * latent * 4 + 6 * latent * bytes_per + prompt_tokens * text_dim * bytes_per
+
+
+def to_sample(
+    key: str, encoded: dict[str, torch.Tensor], meta: dict[str, Any], prompt_tokens: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One :func:`encode_clip` result -> (the shard sample, the folder's context constants)."""
+    tensors, constants = lean(encoded)
+    meta = {
+        **meta,
+        "latents": {
+            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
+            "prompt_length": prompt_tokens,
+        },
+    }
+    sample = {
+        "__key__": key,
+        TENSOR_EXT: encode_sample(tensors),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False),
+    }
+    return sample, constants
+
+
+def save_constants(folder: str | Path, constants: dict[str, torch.Tensor]) -> None:
+    """Write ``context.safetensors`` (atomically) into a latents folder."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(folder) / CONTEXT_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()}, str(tmp))
+    _CONSTANTS.pop(str(Path(folder) / CONTEXT_FILE), None)
+
+
 def encode_sample(tensors: dict[str, torch.Tensor]) -> bytes:
     """Tensors -> ``latents.safetensors`` bytes (contiguous CPU copies)."""
     from safetensors.torch import save
@@ -168,19 +252,49 @@ def encode_sample(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
 
+_CONSTANTS: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def context_constants(folder: str | Path) -> dict[str, torch.Tensor]:
+    """``inactive`` and ``mask`` of a latents folder (read once per process)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / CONTEXT_FILE
+    if str(path) not in _CONSTANTS:
+        if not path.is_file():
+            raise LatentsError(f"{path}: missing (rerun the latents stage: `dvc repro latents`)")
+        _CONSTANTS[str(path)] = load_file(str(path))
+    return _CONSTANTS[str(path)]
+
+
 def decode_latents(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A raw latents sample (bytes per extension, as :func:`pickstyle.data.shards.iter_samples` yields it) ->
-    its tensors ``target``, ``context``, ``source``, ``prompt_embeds``."""
+    ``target``, ``source``, ``context`` (rebuilt) and ``prompt_embeds`` (padded back to its stored length)."""
     from safetensors.torch import load
 
+    where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')}"
     data = raw.get(TENSOR_EXT)
     if data is None:
-        raise LatentsError(f"sample {raw.get('__key__')!r} of {raw.get('__url__')} has no {TENSOR_EXT}")
+        raise LatentsError(f"{where} has no {TENSOR_EXT}")
     tensors = load(bytes(data))
     missing = [k for k in KEYS if k not in tensors]
     if missing:
-        raise LatentsError(f"sample {raw.get('__key__')!r} of {raw.get('__url__')} lacks tensors {missing}")
-    return tensors
+        raise LatentsError(f"{where} lacks tensors {missing}")
+    try:
+        meta = json.loads(raw["json"])
+        length = int(meta["latents"]["prompt_length"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise LatentsError(f"{where}: its json has no latents.prompt_length ({err})") from None
+    prompt = tensors["prompt_embeds"]
+    if prompt.shape[0] < length:
+        prompt = torch.cat([prompt, prompt.new_zeros(length - prompt.shape[0], prompt.shape[1])])
+    folder = Path(str(raw.get("__url__", "."))).parent
+    return {
+        "target": tensors["target"],
+        "source": tensors["source"],
+        "context": build_context(tensors["source"], context_constants(folder)),
+        "prompt_embeds": prompt,
+    }
 
 
 def iter_latents(folder: str | Path, prefix: str = PREFIX) -> Iterator[dict[str, Any]]:
@@ -193,61 +307,73 @@ def iter_latents(folder: str | Path, prefix: str = PREFIX) -> Iterator[dict[str,
 def build_latents(params: Params) -> dict[str, Any]:
     """Encode every clip of ``<data>/clips`` once into ``<data>/latents/latents-%06d.tar``.
 
-    The folder is replaced as a whole when all clips are encoded (a crash keeps the previous latents).
+    A killed run keeps its complete shards: the rerun (same clips, backbone and settings) encodes only the rest.
 
     Returns:
-        A summary (clips, shards, shapes, device, seconds, clips_per_s); ``summary.json`` holds it without the
-        timings.
+        A summary (clips, shards, shapes, bytes per clip, device, seconds, clips_per_s); ``summary.json`` holds it
+        without the timings.
     """
     from tqdm.auto import tqdm
 
     from pickstyle.data.clips import iter_clips
-    from pickstyle.model.components import ensure_backbone, load_pipeline, prompt_length
+    from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, prompt_length
 
     clips_dir = Path(params.paths.data) / "clips"
     out_dir = Path(params.paths.data) / "latents"
-    list_shards(
-        clips_dir, "clips"
-    )  # a clear error before loading the backbone when the clips stage never ran
+    clip_shards = list_shards(clips_dir, "clips")  # a clear error before loading the backbone
     device = resolve_device(params.latents.device)
     backbone = ensure_backbone(params)
+    size = params.latents.shard_size
+    key = {
+        "clips": files_fingerprint(clip_shards),
+        "backbone": files_fingerprint(sorted(backbone_path(params).rglob("*.*"))),
+        "dtype": params.model.dtype,
+        "device": device,
+        "shard_size": size,
+    }
+    progress = ShardProgress(out_dir, PREFIX, key)
+    done = progress.done()
+    kept = len(done)
+    if sorted(done) != [f"{PREFIX}-{i:06d}.tar" for i in range(kept)]:  # only a prefix of shards can be kept
+        progress.reset()
+        kept = 0
+    if kept == 0:
+        (out_dir / CONTEXT_FILE).unlink(missing_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)  # present = the folder is complete
     pipe = load_pipeline(backbone, device=device, dtype=params.model.dtype)
     start = time.perf_counter()
-    count, shapes = 0, {}
-    with atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)
-        with ShardSink(tmp, PREFIX, params.latents.shard_size) as sink:
-            for clip in tqdm(iter_clips(clips_dir), desc="latents", unit="clip"):
-                meta = dict(clip["meta"])
-                tensors = encode_clip(pipe, clip["src"], clip["style"], meta["caption"], device=device)
-                shapes = {k: list(v.shape) for k, v in tensors.items()}
-                meta["latents"] = {
-                    "shapes": shapes,
-                    "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
-                    "prompt_length": prompt_length(pipe),
-                }
-                sink.write(
-                    {
-                        "__key__": clip["key"],
-                        TENSOR_EXT: encode_sample(tensors),
-                        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False),
-                    }
-                )
-                count += 1
-        if count == 0:
-            raise LatentsError(f"{clips_dir}: the clip shards hold no clips")
-        seconds = time.perf_counter() - start
-        summary = {
-            "clips": count,
-            "shards": len(sink.paths),
-            "shapes": shapes,
-            "device": device,
-            "backbone": str(backbone),
-        }
-        # Timings stay out of the stage's output: same clips -> byte-identical folder (and DVC hash).
-        write_json(tmp / "summary.json", summary)
+    count, shapes, nbytes = kept * size, {}, 0
+    with ShardSink(out_dir, PREFIX, size, start=kept) as sink:
+        for clip in tqdm(
+            iter_clips(clips_dir, skip=kept * size), desc="latents", unit="clip", initial=kept * size
+        ):
+            encoded = encode_clip(pipe, clip["src"], clip["style"], clip["meta"]["caption"], device=device)
+            sample, constants = to_sample(clip["key"], encoded, clip["meta"], prompt_length(pipe))
+            shapes = {k: list(v.shape) for k, v in encoded.items()}
+            nbytes = len(sample[TENSOR_EXT])
+            if not (out_dir / CONTEXT_FILE).is_file():
+                save_constants(out_dir, constants)
+            sink.write(sample)
+            count += 1
+            if sink.count % size == 0:  # the shard just flushed is complete
+                progress.record(sink.paths[-1], {"clips": size})
+    if count == 0:
+        raise LatentsError(f"{clips_dir}: the clip shards hold no clips")
+    seconds = time.perf_counter() - start
+    summary = {
+        "clips": count,
+        "shards": kept + len(sink.paths),
+        "shapes": shapes,
+        "bytes_per_clip": nbytes,
+        "device": device,
+        "backbone": str(backbone),
+    }
+    # Timings stay out of the stage's output: same clips -> byte-identical folder (and DVC hash).
+    write_json(out_dir / "summary.json", summary)
+    progress.finish()
     return {
         **summary,
+        "resumed_shards": kept,
         "seconds": round(seconds, 3),
-        "clips_per_s": round(count / seconds, 3) if seconds else None,
+        "clips_per_s": round((count - kept * size) / seconds, 3) if seconds else None,
     }

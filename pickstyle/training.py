@@ -39,7 +39,7 @@ import torch
 import webdataset as wds
 
 from pickstyle.config import Params
-from pickstyle.data.shards import list_shards
+from pickstyle.data.shards import files_fingerprint, list_shards
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
 from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, sample_sigmas, shift_sigmas
@@ -272,22 +272,6 @@ _BOOKKEEPING = {
 }
 
 
-def _files_fingerprint(files: list[Path], sample: int = 1 << 20) -> list[list[Any]]:
-    """Name, size and a hash of the first and last MiB of each file: cheap on a 1 TB latent cache, and any
-    rebuilt shard (new settings change every sample, so its head) differs."""
-    out = []
-    for f in files:
-        size = f.stat().st_size
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            h.update(fh.read(sample))
-            if size > 2 * sample:
-                fh.seek(size - sample)
-                h.update(fh.read(sample))
-        out.append([f.name, size, h.hexdigest()])
-    return out
-
-
 def run_key(params: Params, shards: list[Path], lora: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Everything that decides the adapter; a checkpoint resumes only under an equal key."""
     from pickstyle.model.components import backbone_path
@@ -301,8 +285,8 @@ def run_key(params: Params, shards: list[Path], lora: dict[str, Any], world_size
         "seed": params.seed,
         "world_size": world_size,
         "dtype": params.model.dtype,
-        "data": _files_fingerprint(shards),
-        "backbone": _files_fingerprint(configs + sorted(backbone.rglob("*.safetensors"))),
+        "data": files_fingerprint(shards),
+        "backbone": files_fingerprint(configs + sorted(backbone.rglob("*.safetensors"))),
     }
 
 

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load
 
 from pickstyle.config import TinyBackbone, parse_params
-from pickstyle.data.shards import write_shards
+from pickstyle.data.shards import iter_samples, list_shards, write_shards
 from pickstyle.data.video import encode_video
-from pickstyle.latents import LatentsError, build_latents, decode_latents, encode_clip, iter_latents
+from pickstyle.latents import (
+    LatentsError,
+    build_latents,
+    cache_bytes_per_clip,
+    decode_latents,
+    encode_clip,
+    iter_latents,
+)
 from pickstyle.model.components import load_pipeline, tiny_latent_geometry
 
 T, H, W = 9, 64, 96
@@ -123,6 +132,7 @@ def test_build_latents_round_trip(tiny_backbone: Path, tmp_path: Path) -> None:
     summary = build_latents(params)
     assert summary["clips"] == 3 and summary["shards"] == 2 and summary["backbone"] == str(tiny_backbone)
     assert summary["shapes"]["context"] == list(tiny_latent_geometry(TinyBackbone(), 9, 64, 96))
+    assert not (data / "latents" / ".partial").exists()  # no bookkeeping left in a finished folder
 
     stored = list(iter_latents(data / "latents"))
     assert [s["key"] for s in stored] == ["clip0000", "clip0001", "clip0002"]
@@ -135,8 +145,64 @@ def test_build_latents_round_trip(tiny_backbone: Path, tmp_path: Path) -> None:
         for k, v in direct.items():
             assert torch.equal(s[k], v), k
 
+    # lean: a stored sample holds target, source and the prompt at its true length only
+    raw = next(iter(iter_samples(list_shards(data / "latents", "latents"))))
+    tensors = load(bytes(raw["latents.safetensors"]))
+    assert set(tensors) == {"target", "source", "prompt_embeds"}
+    assert 0 < tensors["prompt_embeds"].shape[0] < 32
+
     with pytest.raises(LatentsError, match="latents.safetensors"):
         decode_latents({"__key__": "x", "json": b"{}"})
+
+
+def test_cache_is_over_three_times_leaner_at_wan_geometry() -> None:
+    before = cache_bytes_per_clip(81, 480, 832, lean_cache=False)
+    after = cache_bytes_per_clip(81, 480, 832)
+    print(f"latent cache per 81x480x832 clip: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+    assert 45e6 < before < 47e6 and before / after > 3
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_build_latents_keeps_complete_shards_of_a_killed_run(
+    tiny_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickstyle.latents as lat
+
+    data = tmp_path / "data"
+    _write_clips(data / "clips", n=3)
+    params = parse_params(
+        {"paths": {"data": str(data), "models": str(tiny_backbone.parent)}, "latents": {"shard_size": 1}}
+    )
+    build_latents(params)
+    want = {p.name: p.read_bytes() for p in (data / "latents").iterdir()}
+
+    calls, real = [], lat.encode_clip
+
+    def dies_at_the_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Killed  # stands for kill -9: the third shard is never written
+        return real(*args, **kw)
+
+    shutil.rmtree(data / "latents")
+    monkeypatch.setattr(lat, "encode_clip", dies_at_the_third)
+    with pytest.raises(_Killed):
+        build_latents(params)
+    assert not (data / "latents" / "summary.json").exists()  # an incomplete folder says so
+    calls.clear()
+    summary = build_latents(params)
+    assert summary["resumed_shards"] == 2 and len(calls) == 1  # only the third clip is encoded again
+    assert {p.name: p.read_bytes() for p in (data / "latents").iterdir()} == want
+
+    # other settings: nothing is kept
+    monkeypatch.undo()
+    params = parse_params(
+        {"paths": {"data": str(data), "models": str(tiny_backbone.parent)}, "latents": {"shard_size": 2}}
+    )
+    assert build_latents(params)["resumed_shards"] == 0
 
 
 def test_build_latents_without_clips(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from pickstyle import training as tr
 from pickstyle.config import Params, TinyBackbone, parse_params
 from pickstyle.data.shards import list_shards, write_shards
-from pickstyle.latents import TENSOR_EXT, encode_sample
+from pickstyle.latents import save_constants, to_sample
 from pickstyle.model.components import tiny_latent_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,23 +71,20 @@ def _params(root: Path, models: Path, **train) -> Params:
 def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0, seed: int = 0) -> list[Path]:
     """Latents shards in the ``latents`` stage's format, with random tensors of the tiny profile's shapes."""
     g = torch.Generator().manual_seed(seed)
-    samples = []
+    samples, constants = [], {}
     for i in range(n + recon):
         kind = "reconstruct" if i >= n else "pair"
         tensors = {
             "target": torch.randn(16, F, H, W, generator=g),
             "context": torch.randn(C, F, H, W, generator=g),
             "source": torch.randn(16, F, H, W, generator=g),
-            "prompt_embeds": torch.randn(L, D, generator=g),
+            "prompt_embeds": torch.cat([torch.randn(L // 2, D, generator=g), torch.zeros(L - L // 2, D)]),
         }
         caption = ("reconstruct. a video" if kind == "reconstruct" else "anime style. a scene") + f" {i}"
-        samples.append(
-            {
-                "__key__": f"{kind}_{i:04d}",
-                TENSOR_EXT: encode_sample(tensors),
-                "json": json.dumps({"caption": caption, "kind": kind}),
-            }
-        )
+        sample, constants = to_sample(f"{kind}_{i:04d}", tensors, {"caption": caption, "kind": kind}, L)
+        samples.append(sample)
+    shutil.rmtree(data / "latents", ignore_errors=True)
+    save_constants(data / "latents", constants)
     return write_shards(samples, data / "latents", "latents", shard_size=shard_size)
 
 
@@ -283,7 +280,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir):
     with pytest.raises(tr.TrainingError, match=r"step 2: the loss is nan") as info:
         tr.train(params)
     assert "step-1" in str(info.value)
-    ckpts = tr.list_checkpoints(models / "adapter" / "checkpoints")
+    ckpts = tr.list_checkpoints(tr.checkpoint_dir(params))
     assert [p.name for p in ckpts] == ["step-1"]
     assert json.loads((ckpts[0] / "state.json").read_text())["step"] == 1
     assert not (models / "adapter" / "train_summary.json").exists()
@@ -369,13 +366,9 @@ def test_overfit_a_handful_of_clips(tmp_path: Path, tiny_backbone: Path):
         samples = []
         for i, (src, style, caption) in enumerate(_styled_clips(2)):
             enc = encode_clip(pipe, src, style, caption)
-            samples.append(
-                {
-                    "__key__": f"clip{i:03d}",
-                    TENSOR_EXT: encode_sample(enc),
-                    "json": json.dumps({"caption": caption, "kind": "pair"}),
-                }
-            )
+            sample, constants = to_sample(f"clip{i:03d}", enc, {"caption": caption, "kind": "pair"}, L)
+            samples.append(sample)
+        save_constants(tmp_path / "data" / "latents", constants)
         write_shards(samples, tmp_path / "data" / "latents", "latents")
         del pipe
         tr.train(params)
@@ -470,6 +463,6 @@ def test_two_processes_gloo_end_with_identical_adapters(workdir):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B." in k)
     # Each process read its own shards.
-    ckpt = tr.list_checkpoints(models / "adapter" / "checkpoints")[-1]
+    ckpt = tr.list_checkpoints(models / ".checkpoints" / "adapter")[-1]
     assert {p.name for p in ckpt.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     assert len(list_shards(root / "data" / "latents", "latents")) == 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -41,7 +42,15 @@ from tqdm import tqdm
 
 from pickstyle.config import Params
 from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, render_pair
-from pickstyle.data.shards import ShardError, iter_samples, list_shards, remove_shards, write_shards
+from pickstyle.data.shards import (
+    ShardError,
+    ShardProgress,
+    files_fingerprint,
+    iter_samples,
+    list_shards,
+    record_shard,
+    write_shards,
+)
 from pickstyle.data.video import VideoError, encode_video, read_video, resize_cover_crop
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, write_json
@@ -316,7 +325,9 @@ def render_chunk(job: dict[str, Any]) -> dict[str, Any]:
     A top-level function of plain-dict input, so it can run in a thread, a process or on a Dask worker.
     """
     fn = {"pair": _render_pairs, "reconstruct": _render_reconstruct, "test": _render_tests}[job["kind"]]
-    return {**fn(job), "kind": job["kind"], "out_dir": job["out_dir"]}
+    result = {**fn(job), "kind": job["kind"], "out_dir": job["out_dir"]}
+    record_shard(job["out_dir"], result["shard"], result)  # a rerun after a kill skips this shard
+    return result
 
 
 def _serial_map(fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
@@ -390,15 +401,25 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
     jobs = plan_jobs(params)  # validates everything before touching the outputs
     data = Path(params.paths.data)
     out_dir, test_dir = data / PREFIX, data / TEST_PREFIX
+    # Both folders are persist: true DVC outputs: a killed run's complete shards are kept when nothing changed.
+    key = {
+        "settings": _settings(params),
+        "jobs": [[j["kind"], j["index"], len(j["items"])] for j in jobs],
+        "pairs": files_fingerprint(list_shards(data / PAIRS_PREFIX, PAIRS_PREFIX)),
+        "reconstruct": files_fingerprint(j["items"][0] for j in jobs if j["kind"] == "reconstruct"),
+    }
+    progress = [ShardProgress(out_dir, PREFIX, key), ShardProgress(test_dir, TEST_PREFIX, key)]
+    done = {(str(fp.folder), shard): r for fp in progress for shard, r in fp.done().items()}
     for folder, prefix in ((out_dir, PREFIX), (test_dir, TEST_PREFIX)):
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_shards(folder, prefix)
-        for stale in folder.glob(f".{prefix}-*"):  # leftovers of an interrupted run
+        for stale in folder.glob(f".{prefix}-*"):  # temp files of an interrupted run
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-    results = (map_fn or _serial_map)(render_chunk, jobs)
+    names = [(j["out_dir"], f"{j['prefix']}-{j['index']:06d}.tar") for j in jobs]
+    todo = [j for j, name in zip(jobs, names, strict=True) if name not in done]
+    fresh = iter((map_fn or _serial_map)(render_chunk, todo) if todo else [])
+    results = [done[name] if name in done else next(fresh) for name in names]
 
     train = [r for r in results if r["kind"] != "test"]
     tests = [r for r in results if r["kind"] == "test"]
@@ -429,6 +450,8 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
         test_dir / "manifest.json",
         {k: summary[k] for k in ("test_clips", "frames", "height", "width", "fps", "test_shards")},
     )
+    for folder_progress in progress:
+        folder_progress.finish()
     print(
         f"clips: {summary['clips']} pair clips ({summary['pairs']} pairs x {summary['variants']}), "
         f"{summary['reconstruct_clips']} reconstruct, {summary['test_clips']} test clips "
@@ -438,8 +461,8 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- reading
-def iter_clips(folder: str | Path, prefix: str = PREFIX) -> Iterator[dict[str, Any]]:
-    """Yield the clips of ``folder`` in shard order.
+def iter_clips(folder: str | Path, prefix: str = PREFIX, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Yield the clips of ``folder`` in shard order (after the first ``skip``, which are not decoded).
 
     Yields:
         ``{"key", "src": uint8 [T, H, W, 3], "style": uint8 [T, H, W, 3], "meta": dict}``.
@@ -447,12 +470,14 @@ def iter_clips(folder: str | Path, prefix: str = PREFIX) -> Iterator[dict[str, A
     Raises:
         ShardError: No shards, an unreadable shard, or a sample missing a part or holding a broken video.
     """
-    yield from _iter_clip_shards(list_shards(folder, prefix))
+    yield from _iter_clip_shards(list_shards(folder, prefix), skip=skip)
 
 
-def _iter_clip_shards(shards: Sequence[str | Path], keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Decode the clips of ``shards`` (only those in ``keys`` when given)."""
-    for sample in iter_samples(shards):
+def _iter_clip_shards(
+    shards: Sequence[str | Path], keys: set[str] | None = None, skip: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Decode the clips of ``shards`` (only those in ``keys`` when given; not the first ``skip``)."""
+    for sample in itertools.islice(iter_samples(shards), skip, None):
         key, url = sample["__key__"], sample.get("__url__", "?")
         if keys is not None and key not in keys:
             continue

@@ -10,8 +10,11 @@ error while reading is re-raised as :class:`ShardError` naming the shard.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -51,15 +54,17 @@ class ShardSink:
         prefix: Shard name prefix, e.g. ``pairs`` -> ``pairs-000000.tar``.
         shard_size: Samples per shard.
 
-    Use as a context manager; :attr:`paths` lists the shards written.
+    Use as a context manager; :attr:`paths` lists the shards written. ``start`` numbers the first shard (a stage
+    that resumes writes after the shards it kept).
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, shard_size: int = 64) -> None:
+    def __init__(self, out_dir: str | Path, prefix: str, shard_size: int = 64, start: int = 0) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.shard_size = shard_size
+        self.start = start  # number of the first shard (the ones before it are complete from an earlier run)
         self.paths: list[Path] = []
         self.count = 0
         self._buffer: list[dict[str, Any]] = []
@@ -78,7 +83,7 @@ class ShardSink:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+        final = self.out_dir / f"{self.prefix}-{self.start + len(self.paths):06d}.tar"
         with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in self._buffer:
                 key = sample["__key__"]
@@ -136,3 +141,82 @@ def iter_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
             raise
         except Exception as err:  # webdataset surfaces tar/IO errors as many types
             raise ShardError(f"{shard}: {type(err).__name__}: {err}") from err
+
+
+def files_fingerprint(files: Iterable[str | Path], sample: int = 1 << 20) -> list[list[Any]]:
+    """Name, size and a hash of the first and last MiB of each file.
+
+    Cheap on a terabyte of shards, and a rebuilt shard differs (new settings change its first sample).
+    """
+    out = []
+    for f in files:
+        f = Path(f)
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample))
+            if size > 2 * sample:
+                fh.seek(size - sample)
+                h.update(fh.read(sample))
+        out.append([f.name, size, h.hexdigest()])
+    return out
+
+
+class ShardProgress:
+    """The shards a stage completed before it was killed, kept for a rerun with the same settings.
+
+    The stage's output folder is a ``persist: true`` DVC output (DVC does not delete it before a rerun).
+    ``<folder>/.partial/`` holds the settings ``key`` and, per complete shard, a small JSON record written after
+    the shard (so a record means a complete shard). Under other settings every shard and record is deleted
+    first. :meth:`finish` removes ``.partial`` once the stage's output is complete, so finished outputs hold
+    no bookkeeping.
+
+    Args:
+        folder: The stage's output folder (created).
+        prefix: Shard name prefix.
+        key: JSON-able settings that decide the shards' content.
+    """
+
+    def __init__(self, folder: str | Path, prefix: str, key: dict[str, Any]) -> None:
+        self.folder, self.prefix = Path(folder), prefix
+        self.dir = self.folder / ".partial"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._key = json.dumps(key, sort_keys=True, default=str)
+        key_file = self.dir / "key.json"
+        if not key_file.is_file() or key_file.read_text() != self._key:
+            self.reset()
+        done = sorted(self.done())
+        self.resumed = len(done)
+        if done:
+            print(
+                f"{prefix}: {len(done)} complete shard(s) kept from an interrupted run of the same settings"
+            )
+
+    def reset(self) -> None:
+        """Delete every shard and record: the next shards start from scratch."""
+        remove_shards(self.folder, self.prefix)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        (self.dir / "key.json").write_text(self._key)
+
+    def done(self) -> dict[str, Any]:
+        """Shard name -> its record, for every complete shard."""
+        out = {}
+        for rec in self.dir.glob(f"{self.prefix}-*.tar.json"):
+            shard = self.folder / rec.name.removesuffix(".json")
+            if shard.is_file():
+                out[shard.name] = json.loads(rec.read_text())
+        return out
+
+    def record(self, shard: str | Path, result: dict[str, Any]) -> None:
+        """Mark ``shard`` complete (call after it is written)."""
+        record_shard(self.folder, shard, result)
+
+    def finish(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def record_shard(folder: str | Path, shard: str | Path, result: dict[str, Any]) -> None:
+    """Mark ``folder/shard`` complete for :class:`ShardProgress` (a plain function: render workers call it)."""
+    with atomic_path(Path(folder) / ".partial" / f"{Path(shard).name}.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, sort_keys=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -195,3 +196,40 @@ def test_reconstruct_clips_from_real_videos(tmp_path):
     assert recon[1]["meta"]["caption"] == "reconstruct. a pattern sliding sideways"
     assert recon[2]["meta"]["motion"]["start_frame"] == 10  # second window: output frames 5.. = source 10..
     assert summary["test_clips"] == 0
+
+
+def test_a_killed_run_keeps_its_complete_shards(tmp_path):
+    data = tmp_path / "data"
+    make_pairs(data, n=6)
+    params = make_params(data, shard_size=2, motion_mix={"slide_left": 1})
+    build_clips(params)
+    want = {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.glob("*clips/*"))}
+
+    class Killed(Exception):
+        pass
+
+    def dies_after_two(fn, jobs):  # renders two chunks, then the process "dies"
+        for job in jobs[:2]:
+            fn(job)
+        raise Killed
+
+    for folder in ("clips", "testclips"):
+        shutil.rmtree(data / folder)
+    with pytest.raises(Killed):
+        build_clips(params, map_fn=dies_after_two)
+    assert not (data / "clips" / "manifest.json").exists()
+
+    rendered = []
+
+    def counting(fn, jobs):
+        rendered.extend(j["index"] for j in jobs)
+        return [fn(j) for j in jobs]
+
+    build_clips(params, map_fn=counting)
+    assert rendered == [2, 0]  # the third pair chunk and the test chunk; chunks 0 and 1 were kept
+    got = {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.glob("*clips/*"))}
+    assert got == want and not (data / "clips" / ".partial").exists()
+
+    rendered.clear()  # other settings: everything is rendered again
+    build_clips(make_params(data, shard_size=2, motion_mix={"zoom_in": 1}), map_fn=counting)
+    assert len(rendered) == 4
