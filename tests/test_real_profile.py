@@ -70,6 +70,7 @@ def test_real_layout_every_stage(
     monkeypatch.chdir(tmp_path)
     params = load_params(_write_params(tmp_path, real_layout_backbone), SMALL)
     assert params.active.backbone == "wan-1.3b" and params.lora_rank == 128
+    assert params.train.gradient_checkpointing  # the real profiles' default (VACE blocks included)
 
     build_pairs(params)
     build_clips(params)
