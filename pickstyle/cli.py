@@ -103,6 +103,22 @@ def cmd_import_adapter(args: argparse.Namespace) -> None:
     _print(import_official_adapter(args.checkpoint, args.output, alpha=args.alpha))
 
 
+def cmd_export_adapter(args: argparse.Namespace) -> None:
+    from pickstyle.model.adapters import export_adapter
+
+    _print(export_adapter(args.adapter, args.output, fmt=args.format))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from pickstyle.plan import format_plan, plan
+
+    result = plan(_params(args), frames=args.frames, height=args.height, width=args.width, gpus=args.gpus)
+    if args.json:
+        _print(result)
+    else:
+        print(format_plan(result))
+
+
 def cmd_stylize(args: argparse.Namespace) -> None:
     from pickstyle.stylize import stylize_file
 
@@ -161,6 +177,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
         cmd_import_adapter,
         "convert an official PickStyle .pth checkpoint to a diffusers LoRA folder",
     ),
+    "export-adapter": (
+        cmd_export_adapter,
+        "write an adapter with the original Wan/PickStyle key names (.pth) or ComfyUI's (.safetensors)",
+    ),
+    "plan": (
+        cmd_plan,
+        "parameter counts, training memory per GPU and latent cache size of the profile (no weights needed)",
+    ),
     "params": (cmd_params, "print the resolved params (defaults + params.yaml + -S overrides)"),
 }
 
@@ -189,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
         elif name == "stylize":
             _add_stylize_args(p)
+        elif name == "export-adapter":
+            p.add_argument("adapter", help="adapter folder (diffusers LoRA format), e.g. models/adapter")
+            p.add_argument(
+                "-o", "--output", required=True, help="output file (.pth: torch.save, else safetensors)"
+            )
+            p.add_argument(
+                "--format", choices=["wan", "comfyui"], default="wan", help="key naming (default: wan)"
+            )
+        elif name == "plan":
+            p.add_argument("--frames", type=int, help="clip frames (default: the profile's)")
+            p.add_argument("--height", type=int, help="clip height (default: the profile's)")
+            p.add_argument("--width", type=int, help="clip width (default: the profile's)")
+            p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default: %(default)s)")
+            p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser
 
 

@@ -102,7 +102,12 @@ class Model(_Section):
 
 
 class Profile(_Section):
-    """What a profile fixes: the backbone kind and the clip geometry, plus LoRA size defaults."""
+    """What a profile fixes: the backbone kind and the clip geometry, plus the defaults that depend on the backbone.
+
+    The defaults are the paper's (LoRA r = alpha = 128, 3000 steps, gradient checkpointing, 20 sampling steps at
+    t_g = 5, c_g = 4); the tiny profile overrides them in ``params.yaml``. A ``null`` in the matching stage key
+    (``train.steps``, ``train.gradient_checkpointing``, ``evaluate.sample.{steps,t_guide,c_guide}``) takes the profile's value.
+    """
 
     backbone: Literal["tiny", "wan-1.3b", "wan-14b"]
     #: Frames per clip, 4n+1 (the VAE compresses time 4x plus the first frame).
@@ -113,6 +118,15 @@ class Profile(_Section):
     fps: int = 16
     lora_rank: int = 128
     lora_alpha: float = 128.0
+    #: Optimizer steps of ``train`` when ``train.steps`` is null (paper: 3000).
+    train_steps: int = Field(default=3000, ge=1)
+    #: Gradient checkpointing (main and VACE blocks) when ``train.gradient_checkpointing`` is null: at 81x480x832
+    #: the 1.3B keeps ~105 GiB of activations without it, ~15-20 GiB with it (DESIGN section 4).
+    gradient_checkpointing: bool = True
+    #: Evaluation sampling where ``evaluate.sample`` leaves them null: steps and the CS-CFG scales (paper: 20, 5, 4).
+    eval_steps: int = Field(default=20, ge=1)
+    eval_t_guide: float = 5.0
+    eval_c_guide: float = 4.0
 
     @field_validator("frames")
     @classmethod
@@ -131,7 +145,21 @@ class Profile(_Section):
 
 def _default_profiles() -> dict[str, Profile]:
     return {
-        "tiny": Profile(backbone="tiny", frames=9, height=64, width=96, fps=8, lora_rank=32, lora_alpha=32.0),
+        "tiny": Profile(
+            backbone="tiny",
+            frames=9,
+            height=64,
+            width=96,
+            fps=8,
+            lora_rank=32,
+            lora_alpha=32.0,
+            train_steps=600,
+            gradient_checkpointing=False,
+            # the tiny backbone over-saturates at the paper's t_g = 5, c_g = 4 (README: what the demo shows)
+            eval_steps=8,
+            eval_t_guide=2.0,
+            eval_c_guide=1.0,
+        ),
         "wan-1.3b": Profile(backbone="wan-1.3b", frames=81, height=480, width=832, fps=16),
         "wan-14b": Profile(backbone="wan-14b", frames=81, height=480, width=832, fps=16),
     }
@@ -259,8 +287,13 @@ class Latents(_Section):
 class Train(_Section):
     """The ``train`` stage: one explicit flow-matching loop over cached latents."""
 
-    steps: int = 600
+    #: Optimizer steps; null = the profile's ``train_steps`` (tiny 600, real 3000).
+    steps: int | None = Field(default=None, ge=1)
+    #: Clips per process per micro-batch.
     batch_size: int = 1
+    #: Micro-batches whose gradients are summed per optimizer step: the effective batch is
+    #: ``batch_size x grad_accum x processes`` (the paper's 32 on one GPU: grad_accum 32).
+    grad_accum: int = Field(default=1, ge=1)
     lr: float = 5.6e-4
     warmup_steps: int = 20
     weight_decay: float = 0.0
@@ -277,7 +310,11 @@ class Train(_Section):
     lora_init: bool | Literal["gaussian", "pissa", "olora"] = True
     #: peft target regex (fullmatched): self-attention q/k/v of the VACE context blocks only.
     lora_targets: str = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
-    gradient_checkpointing: bool = False
+    #: Recompute block activations in the backward pass (main and VACE blocks); null = the profile's (real: on).
+    gradient_checkpointing: bool | None = None
+    #: Keep the activations autograd saves in CPU memory (``torch.autograd.graph.save_on_cpu``) instead of on the
+    #: GPU: with checkpointing only the block inputs remain, so a 24-48 GB card fits the 1.3B at 81x480x832.
+    activation_offload: bool = False
     #: ``cached`` = train on the latents stage's shards; ``on_the_fly`` = encode VAE+text every step (reference).
     mode: Literal["cached", "on_the_fly"] = "cached"
     #: Fraction of "reconstruct." clips in a batch stream (0 = pairs only).
@@ -320,11 +357,20 @@ class Sample(_Section):
     window_overlap: int = Field(default=4, ge=0)
 
 
+class EvalSample(Sample):
+    """:class:`Sample` for ``evaluate``: ``steps``, ``t_guide`` and ``c_guide`` default to the active profile's."""
+
+    steps: int | None = None  # type: ignore[assignment]
+    t_guide: float | None = None  # type: ignore[assignment]
+    c_guide: float | None = None  # type: ignore[assignment]
+
+
 class Evaluate(_Section):
     """The ``evaluate`` stage: stylize the held-out test clips with each variant and score them."""
 
-    #: The tiny backbone over-saturates at the paper's t_g = 5, c_g = 4: milder guidance by default.
-    sample: Sample = Field(default_factory=lambda: Sample(steps=8, skip=0, t_guide=2.0, c_guide=1.0))
+    #: Sampling of every variant; its null ``steps``/``t_guide``/``c_guide`` take the profile's ``eval_*``
+    #: values (tiny: 8 steps, t_g 2, c_g 1, as the tiny backbone over-saturates at the paper's 5 and 4).
+    sample: EvalSample = Field(default_factory=lambda: EvalSample())
     #: Variants compared (``identity`` = output equals input).
     #: ``vae`` / ``reconstruct`` check the backbone against the source (README: evaluation).
     variants: list[Literal["identity", "vae", "reconstruct", "base", "cfg", "cfg_joint", "cs_cfg"]] = Field(
@@ -388,6 +434,20 @@ class Params(_Section):
     def _known_profile(self) -> Params:
         if self.profile not in self.profiles:
             raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+        # Keys left null take the active profile's default, resolved once here so every stage reads plain values
+        # (and MLflow/DVC see the value that ran, not "null").
+        profile = self.profiles[self.profile]
+        if self.train.steps is None:
+            self.train.steps = profile.train_steps
+        if self.train.gradient_checkpointing is None:
+            self.train.gradient_checkpointing = profile.gradient_checkpointing
+        sample = self.evaluate.sample
+        if sample.steps is None:
+            sample.steps = profile.eval_steps
+        if sample.t_guide is None:
+            sample.t_guide = profile.eval_t_guide
+        if sample.c_guide is None:
+            sample.c_guide = profile.eval_c_guide
         return self
 
     @property

@@ -22,6 +22,7 @@ bit on CPU, as an uninterrupted run; a checkpoint of other settings is set aside
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -611,9 +612,13 @@ def train(
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from pickstyle.model.components import ensure_backbone
+    from pickstyle.model.components import ensure_backbone, resolve_dtype
 
     t = params.train
+    # Before CUDA starts: growable segments instead of fixed blocks, so the allocator does not fragment on
+    # the varying activation sizes of checkpointed blocks (the user's own setting wins).
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     accelerator = Accelerator(cpu=resolve_device(t.device) == "cpu")
     device = accelerator.device
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -680,7 +685,7 @@ def train(
         shards, seed=params.seed, rank=rank, world_size=world, recon_ratio=t.recon_ratio, position=position
     )
 
-    def next_batch() -> dict[str, torch.Tensor]:
+    def next_batch() -> dict[str, Any]:
         samples = []
         for _ in range(t.batch_size):
             raw = next(stream)
@@ -690,45 +695,37 @@ def train(
 
     run_id = _start_mlflow(params, state.get("mlflow_run_id")) if main and t.mlflow else None
     scale = torch.ones(len(accelerator.unwrap_model(model).config.vace_layers), device=device)
-    autocast = device.type == "cuda"
+    # Autocast by device type and the base weights' dtype: bf16 compute wherever the frozen base is bf16 (CUDA or
+    # CPU), none for an fp32 base. LoRA master weights stay fp32 either way.
+    compute_dtype = resolve_dtype(params.model.dtype, str(device))
+    autocast = compute_dtype != torch.float32
     pbar = tqdm(
         total=t.steps, initial=start_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
     )
     run_samples, run_seconds, window = 0, 0.0, []
+    grad_norm: float | None = None
     step, status = start_step, "FAILED"
     try:
         for step in range(start_step + 1, t.steps + 1):
             tic = time.perf_counter()
-            batch = next_batch()
-            latents = batch["latents"].to(device, torch.float32)  # [b, 16, f, h, w]
-            context = batch["context"].to(device, torch.float32)  # [b, 96, f, h, w]
-            prompt_embeds = batch["prompt_embeds"].to(device, torch.float32)  # [b, L, D]
-            if t.fixed_noise:
-                sigmas, noise = fixed_noise(batch["keys"], latents.shape[1:], t.shift, params.seed)
-            else:
-                sigmas = sample_sigmas(latents.shape[0], t.shift, generator)  # [b]
-                noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-            noise = noise.to(device)
-            weights = bell_weights(sigmas, t.shift) if t.weighting == "bell" else torch.ones_like(sigmas)
-            sigmas, weights = sigmas.to(device), weights.to(device)
-            noisy = add_noise(latents, noise, sigmas)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                pred = model(
-                    hidden_states=noisy,
-                    timestep=sigmas * NUM_TRAIN_TIMESTEPS,
-                    encoder_hidden_states=prompt_embeds,
-                    control_hidden_states=context,
-                    control_hidden_states_scale=scale,
-                    return_dict=False,
-                )[0]
-            loss = flow_matching_loss(pred, latents, noise, weights)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            loss_value, samples, grad_norm = 0.0, 0, None
+            for micro in range(t.grad_accum):
+                batch = next_batch()
+                # Only the last micro-batch all-reduces the summed gradients across processes.
+                sync = micro == t.grad_accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss = _micro_step(
+                        model, batch, params, scale, generator, device, compute_dtype, autocast
+                    )
+                    # Gradients of a mean over grad_accum x batch_size clips: each micro-batch's mean loss / grad_accum.
+                    accelerator.backward(loss / t.grad_accum)
+                loss_value += accelerator.reduce(loss.detach(), reduction="mean").item() / t.grad_accum
+                samples += batch["latents"].shape[0] * world
             if not math.isfinite(loss_value):
                 raise TrainingError(
                     f"step {step}: the loss is {loss_value}; stopped. Last good checkpoint: "
                     f"{_last_checkpoint(ckpt_root)} (lower train.lr, then resume or restart)"
                 )
-            accelerator.backward(loss)
             if t.grad_clip > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.grad_clip))
                 if not math.isfinite(grad_norm):
@@ -742,7 +739,6 @@ def train(
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - tic
-            samples = latents.shape[0] * world
             run_samples, run_seconds = run_samples + samples, run_seconds + seconds
             history.append(
                 {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": round(samples / seconds, 3)}
@@ -796,12 +792,15 @@ def train(
         "start_step": start_step,
         "world_size": world,
         "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
         "mode": t.mode,
         "device": str(device),
         "lora_params": lora_params,
         "lora": lora_cfg,
         "first_loss": float(np.mean([h["loss"] for h in history[:20]])) if history else None,
         "final_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None,
+        # the last step's gradient norm before clipping (None with grad_clip 0)
+        "grad_norm": grad_norm,
         "samples_per_s": run_samples / run_seconds if run_seconds else None,
         "seconds": run_seconds,
         "adapter_dir": str(out),
@@ -819,6 +818,51 @@ def train(
             raise
     accelerator.wait_for_everyone()
     return summary
+
+
+def _micro_step(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    params: Params,
+    scale: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    autocast: bool,
+) -> torch.Tensor:
+    """One micro-batch's weighted flow-matching loss (forward only; the caller runs the backward pass).
+
+    With ``train.activation_offload`` the tensors autograd saves for the backward pass go to CPU memory as they
+    are made (``save_on_cpu``, pinned on CUDA) and come back one block at a time during backward.
+    """
+    t = params.train
+    latents = batch["latents"].to(device, torch.float32)  # [b, 16, f, h, w]
+    context = batch["context"].to(device, torch.float32)  # [b, 96, f, h, w]
+    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32)  # [b, L, D]
+    if t.fixed_noise:
+        sigmas, noise = fixed_noise(batch["keys"], latents.shape[1:], t.shift, params.seed)
+    else:
+        sigmas = sample_sigmas(latents.shape[0], t.shift, generator)  # [b]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device)
+    weights = bell_weights(sigmas, t.shift) if t.weighting == "bell" else torch.ones_like(sigmas)
+    sigmas, weights = sigmas.to(device), weights.to(device)
+    noisy = add_noise(latents, noise, sigmas)
+    offload = (
+        torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+        if t.activation_offload
+        else contextlib.nullcontext()
+    )
+    with offload, torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=autocast):
+        pred = model(
+            hidden_states=noisy,
+            timestep=sigmas * NUM_TRAIN_TIMESTEPS,
+            encoder_hidden_states=prompt_embeds,
+            control_hidden_states=context,
+            control_hidden_states_scale=scale,
+            return_dict=False,
+        )[0]
+    return flow_matching_loss(pred, latents, noise, weights)
 
 
 def _start_mlflow(params: Params, run_id: str | None) -> str:

@@ -43,3 +43,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def real_layout_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Wan2.1-VACE folder in the exact layout of the public ``Wan2.1-VACE-1.3B-diffusers`` repository
+    (sharded bf16 safetensors, published class names and scheduler config, a T5 tokenizer without
+    ``model_max_length``): see ``tests/real_layout.py``."""
+    from tests.real_layout import write_real_layout
+
+    return write_real_layout(tmp_path_factory.mktemp("real") / "Wan2.1-VACE-1.3B-diffusers", "wan-1.3b")

@@ -286,3 +286,83 @@ def import_official_adapter(
         "blocks": blocks,
         "lora_parameters": n_params,
     }
+
+
+#: Export formats: the original Wan / PickStyle code's module names (peft inside the original model), and ComfyUI's
+#: (the original names under ``diffusion_model.``, with an ``.alpha`` tensor per module, as ComfyUI's LoRA loader
+#: reads them).
+EXPORT_FORMATS = ("wan", "comfyui")
+_DIFFUSERS_KEY = re.compile(
+    r"^(?:transformer\.)?vace_blocks\.(?P<block>\d+)\.attn1\.to_(?P<proj>[qkv])\.lora_(?P<ab>[AB])\.weight$"
+)
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Our adapter folder's tensors (diffusers keys), its rank and alpha (from ``pickstyle_adapter.json``)."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / WEIGHT_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{adapter_dir}: not an adapter folder (missing {WEIGHT_NAME})")
+    state = load_file(str(weights))
+    info = read_adapter_info(adapter_dir)
+    ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise AdapterError(f"{weights}: inconsistent or missing LoRA ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    return state, rank, float(info.get("alpha", rank))
+
+
+def convert_to_official_state_dict(
+    state: dict[str, torch.Tensor], rank: int, alpha: float, fmt: str = "wan"
+) -> dict[str, torch.Tensor]:
+    """Rename diffusers LoRA keys to the original Wan / PickStyle names or ComfyUI's (the inverse of
+    :func:`convert_official_state_dict`).
+
+    ``wan``: ``vace_blocks.N.self_attn.q.lora_A.default.weight``. The reference code runs its adapters at
+    alpha = r (scale 1), so a different alpha is folded into ``B`` (B·alpha/r): the same ``W0 + (alpha/r)BA``.
+    ``comfyui``: ``diffusion_model.vace_blocks.N.self_attn.q.lora_A.weight`` plus ``...self_attn.q.alpha``
+    (ComfyUI scales by alpha / rank itself).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise AdapterError(f"unknown export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _DIFFUSERS_KEY.match(key)
+        if m is None:
+            raise AdapterError(f"key {key}: not a context-style LoRA tensor (vace_blocks.N.attn1.to_q/k/v)")
+        module = f"vace_blocks.{int(m['block'])}.self_attn.{m['proj']}"
+        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+        if fmt == "wan":
+            if m["ab"] == "B" and alpha != rank:
+                tensor = tensor * (alpha / rank)
+            out[f"{module}.lora_{m['ab']}.default.weight"] = tensor
+        else:
+            out[f"diffusion_model.{module}.lora_{m['ab']}.weight"] = tensor
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_adapter(adapter_dir: str | Path, out_path: str | Path, fmt: str = "wan") -> dict[str, Any]:
+    """Write our adapter in another tool's key naming (see :func:`convert_to_official_state_dict`).
+
+    ``.pth``/``.pt`` files are written with ``torch.save`` (what the PickStyle code loads), anything else as
+    safetensors (ComfyUI's ``loras`` folder).
+
+    Returns:
+        A summary: path, format, rank, alpha, tensors.
+    """
+    from safetensors.torch import save_file
+
+    state, rank, alpha = read_adapter_weights(adapter_dir)
+    out = convert_to_official_state_dict(state, rank, alpha, fmt)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    if out_path.suffix in (".pth", ".pt"):
+        torch.save(out, tmp)
+    else:
+        save_file(out, str(tmp), metadata={"format": "pt", "lora_rank": str(rank), "lora_alpha": str(alpha)})
+    tmp.replace(out_path)
+    return {"path": str(out_path), "format": fmt, "rank": rank, "alpha": alpha, "tensors": len(out)}
