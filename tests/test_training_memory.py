@@ -50,7 +50,7 @@ def test_grad_accum_equals_the_larger_batch(data_root: Path, tiny_backbone: Path
     w_batch, w_accum = load_file(data_root / "m1" / ADAPTER), load_file(data_root / "m2" / ADAPTER)
     assert any(w.abs().sum() > 0 for k, w in w_batch.items() if ".lora_B." in k)
     for k in w_batch:
-        torch.testing.assert_close(w_accum[k], w_batch[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_accum[k], w_batch[k], rtol=1e-4, atol=1e-5)  # Adam: lr-sized steps
 
 
 def test_user_allocator_setting_wins(data_root: Path, tiny_backbone: Path, monkeypatch) -> None:
