@@ -14,25 +14,36 @@ export PATH := $(abspath $(BIN)):$(PATH)
 PIP := $(BIN)/pip --disable-pip-version-check --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format ui bench clean
+.PHONY: help install lock demo test test-fast lint format ui bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: pip must never pick a newer torch (several GB of CUDA packages on a CPU machine)
 	$(PIP) install torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
-	$(PIP) install -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	# every other package at the version the committed dvc.lock was made with
+	$(PIP) install -c requirements.lock -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install pickstyle (CPU torch 2.13.0)
+install: $(STAMP) ## create .venv and install pickstyle (CPU torch 2.13.0, the rest from requirements.lock)
+
+lock: ## re-resolve pyproject.toml in a scratch venv and rewrite requirements.lock (then commit it)
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet torch==2.13.0
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ head -n 2 requirements.lock; .lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm -rf .lock-venv
 
 demo: $(STAMP) ## run the whole pipeline on the embedded default: dvc repro (tiny profile, offline, CPU)
 	$(BIN)/dvc repro
 
-test: $(STAMP) ## run the test suite
+test: $(STAMP) ## run the whole test suite, as CI does
 	$(BIN)/pytest -q
+
+test-fast: $(STAMP) ## the suite without the tests marked slow (end-to-end runs, subprocess kills, servers)
+	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check pickstyle flows tests bench
