@@ -153,6 +153,8 @@ def cmd_stylize(args: argparse.Namespace) -> None:
         fit=args.fit,
         seed=args.seed,
         max_frames=args.max_frames,
+        orientation=args.orientation,
+        fps=args.fps,
         on_long=args.long,
     )
     print(out)
@@ -256,6 +258,15 @@ def _add_stylize_args(p: argparse.ArgumentParser) -> None:
         "--fit", choices=["crop", "pad"], default="crop", help="resize-to-cover + centre crop, or pad"
     )
     p.add_argument("--max-frames", type=int, default=None, help="use at most this many input frames")
+    p.add_argument(
+        "--orientation",
+        choices=["auto", "profile"],
+        default="auto",
+        help="auto: a portrait input gets the profile's size turned to portrait; profile: always the profile's",
+    )
+    p.add_argument(
+        "--fps", type=float, default=None, help="output frame rate (default: the source's; duration is kept)"
+    )
     p.add_argument(
         "--long",
         choices=["windows", "cut"],

@@ -17,7 +17,11 @@ What happens to the input, in order:
    every output frame is the weighted mean of the windows that cover it, so a frame seen by one window is
    exactly that window's frame and overlaps fade from one window to the next. Every window uses the same
    seed (the same noise), which keeps the style of consecutive windows alike.
-4. Output: H.264 mp4 at the source fps with one frame per (used) input frame, at the model's resolution
+   Before that, frames are resampled (nearest frame) to the profile's fps, the rate whose motion per frame the
+   model was trained on, and the result back to the output fps (the source's unless ``fps`` is given), so the
+   output keeps the source's duration. A portrait input gets the profile's size turned to portrait
+   (``orientation="auto"``: 480x832 becomes 832x480) rather than a landscape centre crop.
+4. Output: H.264 mp4 at the output fps with one frame per (used) input frame, at the model's resolution
    (no upscaling back to the source size: it would add no detail). ``side_by_side`` writes the fitted
    source | result (twice the width). The file is written atomically: an error never leaves a partial
    OUTPUT behind.
@@ -102,6 +106,40 @@ def stylize_frames(
         output_type="np",
     ).frames[0]  # float [T, H, W, 3] in [0, 1]
     return (np.clip(out[:count], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def resample_frames(
+    frames: np.ndarray, src_fps: float, dst_fps: float, count: int | None = None
+) -> np.ndarray:
+    """Nearest-frame resampling from ``src_fps`` to ``dst_fps`` keeping the duration (``count`` frames if given).
+
+    Output frame ``i`` shows the input at time ``i / dst_fps``. Equal rates return the frames unchanged.
+    """
+    if count is None:
+        if abs(src_fps - dst_fps) < 1e-6:
+            return frames
+        count = max(1, round(len(frames) * dst_fps / src_fps))
+    index = np.clip(np.round(np.arange(count) * src_fps / dst_fps), 0, len(frames) - 1).astype(int)
+    return frames[index]
+
+
+def oriented_size(path: Path, height: int, width: int, orientation: str) -> tuple[int, int]:
+    """The model size for ``path``: the profile's, turned to portrait for a portrait input (``auto``).
+
+    A 9:16 phone video centre-cropped into a 16:9 frame would lose two thirds of its picture; the model sees
+    the same number of tokens either way.
+    """
+    from pickstyle.data.video import read_video
+
+    if orientation == "profile":
+        return height, width
+    if orientation != "auto":
+        raise StylizeError(f"orientation must be 'auto' or 'profile', got {orientation!r}")
+    first, _ = read_video(path, max_frames=1)  # also the clear error for a missing or broken input
+    h, w = first.shape[1:3]
+    if (h > w) != (height > width) and h != w:
+        return width, height
+    return height, width
 
 
 def plan_windows(total: int, length: int, overlap: int) -> list[tuple[int, int]]:
@@ -222,6 +260,8 @@ def stylize_file(
     seed: int = 0,
     max_frames: int | None = None,
     on_long: str = "windows",
+    orientation: str = "auto",
+    fps: float | None = None,
 ) -> Path:
     """Stylize a video file and write the result as mp4 (see the module docstring for every step).
 
@@ -238,6 +278,9 @@ def stylize_file(
         seed: noise and null-context seed.
         max_frames: read at most this many input frames.
         on_long: ``windows`` (cross-faded windows) or ``cut`` (first clip only, with a warning).
+        orientation: ``auto`` turns the profile's size to portrait for a portrait input; ``profile`` keeps it.
+        fps: output frame rate (default: the source's). The model always sees the profile's fps (the motion
+            per frame it was trained on); the output keeps the source's duration.
 
     Returns:
         ``output`` as a Path.
@@ -257,23 +300,27 @@ def stylize_file(
         raise StylizeError(f"max_frames must be >= 1, got {max_frames}")
     if not 0 <= sample.skip < sample.steps:
         raise StylizeError(f"skip must be in [0, steps={sample.steps}), got {sample.skip}")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise StylizeError(f"fps must be a positive number, got {fps}")
     profile = params.active
-    height, width, length = profile.height, profile.width, profile.frames
+    length = profile.frames
+    height, width = oriented_size(input, profile.height, profile.width, orientation)
 
     if fit not in ("crop", "pad"):
         raise StylizeError(f"fit must be 'crop' or 'pad', got {fit!r}")
     # VideoError (missing, empty, not a video, no frames) before any model is loaded.
-    if on_long == "cut":  # one frame more than a clip tells whether anything is cut
-        max_frames = min(max_frames or length + 1, length + 1)
-    fitted, fps, region = read_fitted(input, height, width, fit, max_frames)
-    if len(fitted) > length and on_long == "cut":
-        logger.warning(
-            "%s: longer than one %d-frame clip; keeping the first %d frames (use --long windows for all)",
-            input,
-            length,
-            length,
-        )
-        fitted = fitted[:length]
+    fitted, src_fps, region = read_fitted(input, height, width, fit, max_frames)
+    if on_long == "cut":  # one clip at the model's fps
+        keep = max(1, math.floor(length * src_fps / profile.fps))
+        if len(fitted) > keep:
+            logger.warning(
+                "%s: longer than one %d-frame clip at %g fps; keeping the first %d frames (--long windows for all)",
+                input,
+                length,
+                profile.fps,
+                keep,
+            )
+            fitted = fitted[:keep]
 
     backbone, adapter_dir = _resolve_model(params, adapter, model_uri)
     pipe = load_pipeline(
@@ -291,7 +338,18 @@ def stylize_file(
         load_adapter(pipe, adapter_dir, scale=sample.adapter_scale)
 
     return render_fitted(
-        pipe, fitted, fps, region, output, prompt, sample, seed, length=length, side_by_side=side_by_side
+        pipe,
+        fitted,
+        src_fps,
+        region,
+        output,
+        prompt,
+        sample,
+        seed,
+        length=length,
+        side_by_side=side_by_side,
+        model_fps=profile.fps,
+        out_fps=fps,
     )
 
 
@@ -307,6 +365,8 @@ def render_fitted(
     *,
     length: int,
     side_by_side: bool = False,
+    model_fps: float | None = None,
+    out_fps: float | None = None,
 ) -> Path:
     """Stylize frames already fitted to the model size (:func:`read_fitted`) in windows and write the mp4.
 
@@ -323,10 +383,17 @@ def render_fitted(
         seed: noise and null-context seed (the same for every window).
         length: frames per window (the profile's clip length, 4n+1).
         side_by_side: write source | result.
+        model_fps: the frame rate the model sees (the profile's; ``None`` = ``fps``): frames are resampled to it
+            and back, so a 30 fps input moves per frame as the 16 fps training clips did.
+        out_fps: the output's frame rate (``None`` = ``fps``); the output keeps the input's duration.
     """
     from pickstyle.data.video import write_video
 
     height, width = fitted.shape[1:3]
+    out_fps = out_fps or fps
+    out_count = max(1, round(len(fitted) * out_fps / fps))
+    source = fitted
+    fitted = resample_frames(fitted, fps, model_fps) if model_fps else fitted
     show = sys.stderr.isatty()
     pipe.set_progress_bar_config(disable=not show, desc="steps", leave=False)
     windows = plan_windows(len(fitted), length, sample.window_overlap)
@@ -336,9 +403,11 @@ def render_fitted(
             ((start, end), stylize_frames(pipe, fitted[start:end], prompt, sample, seed, height, width))
         )
     styled = results[0][1] if len(results) == 1 else blend_windows(results, len(fitted))
+    styled = resample_frames(styled, model_fps or fps, out_fps, out_count)
 
     rows, cols = region
     styled = styled[:, rows, cols]
     if side_by_side:
-        styled = np.concatenate([fitted[:, rows, cols], styled], axis=2)
-    return write_video(output, styled, fps)
+        shown = resample_frames(source, fps, out_fps, out_count)
+        styled = np.concatenate([shown[:, rows, cols], styled], axis=2)
+    return write_video(output, styled, out_fps)

@@ -11,7 +11,7 @@ import pytest
 
 from pickstyle.cli import main
 from pickstyle.data.video import read_video, write_video
-from pickstyle.stylize import blend_windows, plan_windows
+from pickstyle.stylize import blend_windows, plan_windows, resample_frames
 
 WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"
 PROMPT = "anime style. a wolf in the snow"
@@ -129,8 +129,47 @@ def test_cut_long_video_warns(tmp_path, models_dir, caplog):
     out = tmp_path / "cut.mp4"
     with caplog.at_level(logging.WARNING, logger="pickstyle.stylize"):
         assert _stylize(src, out, models_dir, "--long", "cut") == 0
-    assert read_video(out)[0].shape[0] == 9
-    assert any("keeping the first 9 frames" in r.message for r in caplog.records)
+    assert read_video(out)[0].shape[0] == 11  # one 9-frame clip at the profile's 8 fps = 11 frames at 10 fps
+    assert any("keeping the first 11 frames" in r.message for r in caplog.records)
+
+
+def test_portrait_input_gets_the_portrait_size(tmp_path, models_dir):
+    src = _clip(tmp_path / "phone.mp4", 5, 96, 54, 8)  # 9:16
+    out = tmp_path / "portrait.mp4"
+    assert _stylize(src, out, models_dir) == 0
+    assert read_video(out)[0].shape == (5, 96, 64, 3)  # the tiny 64x96 turned, not a landscape crop
+    assert _stylize(src, out, models_dir, "--orientation", "profile") == 0
+    assert read_video(out)[0].shape == (5, 64, 96, 3)
+
+
+def test_fps_is_resampled_for_the_model_and_the_duration_kept(tmp_path, models_dir, monkeypatch):
+    import pickstyle.stylize as st
+
+    seen, real = [], st.stylize_frames
+
+    def spy(pipe, frames, *args, **kw):
+        seen.append(len(frames))
+        return real(pipe, frames, *args, **kw)
+
+    monkeypatch.setattr(st, "stylize_frames", spy)
+    src = _clip(tmp_path / "in.mp4", 24, 40, 60, 24.0)  # 1 s at 24 fps
+    out = tmp_path / "out.mp4"
+    assert _stylize(src, out, models_dir) == 0
+    assert seen == [8]  # 1 s at the profile's 8 fps: the motion per frame the model was trained on
+    frames, fps = read_video(out)
+    assert frames.shape[0] == 24 and fps == pytest.approx(24.0)  # the source's rate and duration
+    assert _stylize(src, out, models_dir, "--fps", "12") == 0
+    frames, fps = read_video(out)
+    assert frames.shape[0] == 12 and fps == pytest.approx(12.0)
+
+
+def test_resample_frames_keeps_duration():
+    frames = np.arange(30)[:, None, None, None]
+    assert resample_frames(frames, 30, 30) is frames
+    down = resample_frames(frames, 30, 10)
+    assert down[:, 0, 0, 0].tolist() == list(range(0, 30, 3))
+    up = resample_frames(down, 10, 30, count=30)
+    assert len(up) == 30 and up[0, 0, 0, 0] == 0 and up[-1, 0, 0, 0] == 27
 
 
 @pytest.mark.skipif(not WOLF.is_file(), reason="shared/videos/wolf.mp4 not present")
