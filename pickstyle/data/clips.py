@@ -465,6 +465,14 @@ def _iter_clip_shards(shards: Sequence[str | Path], keys: set[str] | None = None
             meta = json.loads(sample["json"])
         except (VideoError, ValueError) as err:
             raise ShardError(f"{url}: sample {key}: {err}") from None
+        # A cut or damaged mp4 still decodes its first frames: compare with the geometry the json recorded.
+        want = [meta.get(k) for k in ("frames", "height", "width")]
+        for part, frames in (("src.mp4", src), ("style.mp4", style)):
+            if None not in want and list(frames.shape[:3]) != want:
+                raise ShardError(
+                    f"{url}: sample {key}: {part} decodes to {list(frames.shape[:3])} frames x height x width, "
+                    f"the json says {want} (a truncated or corrupt clip)"
+                )
         yield {"key": key, "src": src, "style": style, "meta": meta}
 
 
