@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pickstyle.config import Params, load_params
-from pickstyle.registry import artifact_root, find_versions, tracking_uri
+from pickstyle.registry import STYLE_ENV, artifact_root, find_versions, tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The flow's name, and the deployment of ``prefect.yaml`` (``prefect deploy --name retrain-style``, a work pool).
@@ -219,6 +219,7 @@ def retrain_style(
     env = child_env(params_at(params, root))
     # The stage flows run in their own processes; this tags the registered version with the retrain run too.
     env["PICKSTYLE_PARENT_FLOW_RUN_ID"] = str(runtime.flow_run.id or "")
+    env[STYLE_ENV] = style  # names the training run "train-<style>-<experiment>" and logs the style
     run_experiment(cmd, str(root), env)
     version = registered_version(params_at(params, root), name, exp)
     result["registered"] = version

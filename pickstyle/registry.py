@@ -36,6 +36,8 @@ from pickstyle.serving import input_example, model_signature
 URI_ENV = ("PICKSTYLE_MLFLOW_URI", "MLFLOW_TRACKING_URI")
 #: Environment override of the artifact root used when an experiment is created.
 ARTIFACTS_ENV = "PICKSTYLE_MLFLOW_ARTIFACTS"
+#: Set by the retrain-style flow for its stages: the style being retrained (names and labels the training run).
+STYLE_ENV = "PICKSTYLE_STYLE"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 #: Files of an adapter folder that make up the registered adapter (checkpoints and logs stay behind).
@@ -161,6 +163,27 @@ def provenance_tags(params: Params, flow_run_id: str | None = None) -> dict[str,
     if os.environ.get("PICKSTYLE_PARENT_FLOW_RUN_ID"):  # set by the retrain-style flow for its stages
         tags["prefect_parent_flow_run_id"] = os.environ["PICKSTYLE_PARENT_FLOW_RUN_ID"]
     return tags
+
+
+def style_of(params: Params) -> str:
+    """The style an adapter learns: the retrain flow's ``style``, else ``pairs.styles`` joined by ``+`` (built-in
+    pairs), else the pairs source (an importer reads every style under its folder)."""
+    if os.environ.get(STYLE_ENV):
+        return os.environ[STYLE_ENV]
+    if params.pairs.source == "builtin":
+        return "+".join(params.pairs.styles)
+    return params.pairs.source
+
+
+def run_name(stage: str, params: Params) -> str:
+    """``<stage>-<style>-<experiment>``: the DVC experiment (``DVC_EXP_NAME``), or ``workspace`` outside one.
+
+    Many styles at once read ``<n>-styles`` (the full list is the run's ``style`` parameter).
+    """
+    style = style_of(params)
+    if len(style) > 40 and not os.environ.get(STYLE_ENV):
+        style = f"{len(params.pairs.styles)}-styles"
+    return f"{stage}-{style}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
 
 
 def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -574,5 +597,7 @@ __all__ = [
     "metrics_table",
     "provenance_tags",
     "register",
+    "run_name",
+    "style_of",
     "tracking_uri",
 ]

@@ -770,11 +770,11 @@ def _start_mlflow(params: Params, run_id: str | None) -> str:
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the checkpoint came from another tracking store: start a new run
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{params.profile}")
-    mlflow.log_params(_flat_params(params))
-    from pickstyle.registry import provenance_tags
+    from pickstyle.registry import provenance_tags, run_name, style_of
 
-    mlflow.set_tags({"stage": "train", **provenance_tags(params)})
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name("train", params))
+    mlflow.log_params({**_flat_params(params), "style": style_of(params)})
+    mlflow.set_tags({"stage": "train", "style": style_of(params), **provenance_tags(params)})
     return run.info.run_id
 
 
