@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pickstyle.config import Params, Sample
 from pickstyle.errors import PickstyleError
+from pickstyle.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def render_fitted(
     pipe.set_progress_bar_config(disable=not show, desc="steps", leave=False)
     windows = plan_windows(len(fitted), length, sample.window_overlap)
     results = []
-    for start, end in tqdm(windows, desc="windows", unit="window", disable=not show or len(windows) == 1):
+    for start, end in progress(windows, desc="windows", unit="window", disable=len(windows) == 1):
         results.append(
             ((start, end), stylize_frames(pipe, fitted[start:end], prompt, sample, seed, height, width))
         )

@@ -539,9 +539,9 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
 
     from pickstyle.model.components import ensure_backbone
+    from pickstyle.progress import progress
 
     t = params.train
     accelerator = Accelerator(cpu=resolve_device(t.device) == "cpu")
@@ -624,9 +624,7 @@ def train(params: Params, resume: bool = False, *, stop_after: int | None = None
     run_id = _start_mlflow(params, state.get("mlflow_run_id")) if main and t.mlflow else None
     scale = torch.ones(len(accelerator.unwrap_model(model).config.vace_layers), device=device)
     autocast = device.type == "cuda"
-    pbar = tqdm(
-        total=t.steps, initial=start_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
-    )
+    pbar = progress(total=t.steps, initial=start_step, disable=not main, desc="train", unit="step")
     run_samples, run_seconds, window = 0, 0.0, []
     step, status = start_step, "FAILED"
     try:

@@ -37,7 +37,6 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pickstyle.config import Params
 from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, render_pair
@@ -45,6 +44,7 @@ from pickstyle.data.shards import ShardError, iter_samples, list_shards, remove_
 from pickstyle.data.video import VideoError, encode_video, read_video, resize_cover_crop
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, write_json
+from pickstyle.progress import progress
 
 PREFIX = "clips"
 TEST_PREFIX = "testclips"
@@ -320,7 +320,7 @@ def render_chunk(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serial_map(fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
-    return [fn(item) for item in tqdm(items, desc="clips", unit="shard", mininterval=0.5)]
+    return [fn(item) for item in progress(items, desc="clips", unit="shard")]
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
