@@ -18,11 +18,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from tqdm import tqdm
 
 from flows.common import stage_params, summary_artifact
 from pickstyle.config import Clips, Params
 from pickstyle.data.clips import build_clips
+from pickstyle.progress import progress
 
 #: Largest preview embedded in the artifact (the Prefect UI renders it inline as a data URI).
 MAX_INLINE_PREVIEW = 2_000_000
@@ -51,7 +51,7 @@ def render_flow(fn: Callable[[dict], dict], jobs: list[dict]) -> list[dict]:
     """Map ``fn`` over ``jobs`` on this flow's task runner; results in job order."""
     render = task(fn, name="render-chunk", cache_policy=NO_CACHE)
     futures = render.map(jobs)
-    for _ in tqdm(as_completed(list(futures)), total=len(jobs), desc="clips", unit="shard", mininterval=0.5):
+    for _ in progress(as_completed(list(futures)), total=len(jobs), desc="clips", unit="shard"):
         pass
     return futures.result()
 

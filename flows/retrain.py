@@ -8,8 +8,10 @@ not compete for ``@champion`` — in the workspace's MLflow (the tracking URI is
 Run it::
 
     python -m flows.retrain run --style sketch --steps 100 -S train.lr=3e-4   # once, now
-    python -m flows.retrain serve       # deployment "retrain-style", cron schedules from params.retrain.schedules
-    prefect deploy --name retrain-style # or: the deployment in prefect.yaml, for a work pool + worker
+    python -m flows.retrain serve       # deployment "retrain-style/served", cron schedules from params.retrain.schedules
+    prefect deploy --name retrain-style # or: "retrain-style/retrain-style" of prefect.yaml, for a work pool + worker
+
+The two ways of serving use two deployment names, so neither overwrites the other's schedules and parameters.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pickstyle.config import Params, load_params
-from pickstyle.registry import artifact_root, find_versions, tracking_uri
+from pickstyle.registry import STYLE_ENV, artifact_root, find_versions, tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The flow's name, and the deployment of ``prefect.yaml`` (``prefect deploy --name retrain-style``, a work pool).
 DEPLOYMENT = "retrain-style"
+#: The deployment ``python -m flows.retrain serve`` makes (schedules from ``params.yaml``, served by that process).
+SERVED_DEPLOYMENT = "served"
 
 
 def slug(text: str) -> str:
@@ -214,6 +219,7 @@ def retrain_style(
     env = child_env(params_at(params, root))
     # The stage flows run in their own processes; this tags the registered version with the retrain run too.
     env["PICKSTYLE_PARENT_FLOW_RUN_ID"] = str(runtime.flow_run.id or "")
+    env[STYLE_ENV] = style  # names the training run "train-<style>-<experiment>" and logs the style
     run_experiment(cmd, str(root), env)
     version = registered_version(params_at(params, root), name, exp)
     result["registered"] = version
@@ -238,15 +244,15 @@ def schedules_from_params(params: Params) -> list[Any]:
     from prefect.schedules import Cron
 
     return [
-        Cron(cron, parameters={"style": style}, slug=f"retrain-{slug(style)}")
+        Cron(cron, timezone="UTC", parameters={"style": style}, slug=f"retrain-{slug(style)}")
         for style, cron in sorted(params.retrain.schedules.items())
     ]
 
 
 def serve(params: Params) -> None:
-    """Serve the ``retrain-style`` deployment from this process (schedules from params, one run at a time)."""
+    """Serve ``retrain-style/served`` from this process (schedules from ``retrain.schedules``, one run at a time)."""
     retrain_style.serve(
-        name=DEPLOYMENT,
+        name=SERVED_DEPLOYMENT,
         schedules=schedules_from_params(params),
         global_limit=1,  # retraining runs are heavy and share the workspace's MLflow: never two at once
         limit=1,
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(REPO_ROOT / "params.yaml"))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
-        "serve", help="serve the retrain-style deployment with the cron schedules of params.retrain"
+        "serve", help="serve the retrain-style/served deployment with the cron schedules of retrain.schedules"
     )
     run = sub.add_parser("run", help="retrain one style now")
     run.add_argument("--style", required=True)

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from pickstyle.config import ParamsError, load_params
+from pickstyle.config import ParamsError, Sample, error_lines, load_params
 from pickstyle.errors import PickstyleError
 
 
@@ -119,12 +120,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(format_plan(result))
 
 
+def sample_with(sample: Sample, overrides: dict[str, Any]) -> Sample:
+    """``sample`` with the command-line overrides, validated together (``--steps 4 --skip 2`` is checked as one).
+
+    Raises:
+        ParamsError: one line naming each bad flag, e.g. ``--c-guide: must be finite``.
+    """
+    try:
+        return Sample.model_validate({**sample.model_dump(), **overrides})
+    except ValidationError as err:
+        lines = [line.partition(": ") for line in error_lines(err)]
+        raise ParamsError(
+            "; ".join(f"--{field.replace('_', '-')}: {msg}" for field, _, msg in lines)
+        ) from None
+
+
 def cmd_stylize(args: argparse.Namespace) -> None:
     from pickstyle.stylize import stylize_file
 
     params = _params(args)
-    sample = params.sample.model_copy()
-    for field, value in {
+    overrides = {
         "steps": args.steps,
         "guidance": args.guidance,
         "t_guide": args.t_guide,
@@ -136,19 +151,25 @@ def cmd_stylize(args: argparse.Namespace) -> None:
         "cache_threshold": args.cache_threshold,
         "adapter_scale": args.adapter_scale,
         "device": args.device,
-    }.items():
-        if value is not None:
-            setattr(sample, field, value)
+    }
+    overrides = {field: value for field, value in overrides.items() if value is not None}
     if args.sequential:
-        sample.batched = False
+        overrides["batched"] = False
+    sample = sample_with(params.sample, overrides)
+    adapter, backbone = args.adapter, None
+    if args.model:  # the registered model gives the adapter and the backbone
+        from pickstyle.registry import load_registered
+
+        info = load_registered(args.model, params=params)
+        adapter, backbone = info["adapter_dir"], info["backbone_dir"]
     out = stylize_file(
         args.input,
         args.output,
         args.prompt,
         params=params,
         sample=sample,
-        adapter=args.adapter,
-        model_uri=args.model,
+        adapter=adapter,
+        backbone=backbone,
         side_by_side=args.side_by_side,
         fit=args.fit,
         seed=args.seed,

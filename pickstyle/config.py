@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pickstyle.errors import PickstyleError
 
@@ -356,6 +366,36 @@ class Sample(_Section):
     #: linearly (added by the stylize helper).
     window_overlap: int = Field(default=4, ge=0)
 
+    # A NaN scale or zero steps would "work" and write a garbage video: reject them, naming the field, in the
+    # short form the CLI turns into "--c-guide: must be finite".
+    @field_validator("t_guide", "c_guide", "shift", "cache_threshold", "adapter_scale")
+    @classmethod
+    def _finite(cls, value: float, info: ValidationInfo) -> float:
+        if not math.isfinite(value):
+            raise PydanticCustomError("not_finite", "must be finite")
+        if info.field_name == "shift" and value <= 0:
+            raise PydanticCustomError("out_of_range", "must be > 0")
+        if info.field_name in ("t_guide", "c_guide", "cache_threshold") and value < 0:
+            raise PydanticCustomError("out_of_range", "must be >= 0")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _some_steps(cls, value: int) -> int:
+        if value < 1:
+            raise PydanticCustomError("out_of_range", "must be >= 1")
+        return value
+
+    @field_validator("skip")
+    @classmethod
+    def _skip_below_steps(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")  # absent when steps itself was invalid (that error is reported)
+        if value < 0:
+            raise PydanticCustomError("out_of_range", "must be >= 0")
+        if steps is not None and value >= steps:
+            raise PydanticCustomError("out_of_range", "must be < steps ({steps})", {"steps": steps})
+        return value
+
 
 class EvalSample(Sample):
     """:class:`Sample` for ``evaluate``: ``steps``, ``t_guide`` and ``c_guide`` default to the active profile's."""
@@ -404,8 +444,8 @@ class Register(_Section):
 class Retrain(_Section):
     """The ``retrain-style`` Prefect deployment."""
 
-    #: Per-style cron schedules, e.g. ``{"anime": "0 3 * * 1"}``.
-    schedules: dict[str, str] = Field(default_factory=dict)
+    #: Per-style cron schedules (UTC) of ``python -m flows.retrain serve``; the same two as ``prefect.yaml``.
+    schedules: dict[str, str] = Field(default_factory=lambda: {"anime": "0 3 * * 1", "sketch": "0 3 * * 4"})
 
 
 # ``register`` is also the name of ABCMeta.register on the class; instances see the field, so the warning is noise.
@@ -470,13 +510,18 @@ class Params(_Section):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def error_lines(err: ValidationError) -> list[str]:
+    """``dotted.field: message`` per error (``unknown key`` for a typo'd key)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {loc}: {msg}")
-    return f"{source}: invalid params\n" + "\n".join(lines)
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    return f"{source}: invalid params\n" + "\n".join(f"  {line}" for line in error_lines(err))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

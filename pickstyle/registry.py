@@ -1,6 +1,6 @@
 """MLflow tracking and registry: where runs go, registering adapters, ``@challenger`` / ``@champion``, loading.
 
-The serving contract is ``models:/<name>@champion``: an MLflow pyfunc model (:class:`PickStyleModel`) whose
+The serving contract is ``models:/<name>@champion``: an MLflow pyfunc model (:mod:`pickstyle.serving`) whose
 artifacts are the adapter, the resolved params and, for the tiny profile, the whole backbone folder (real
 profiles record the backbone's path and fingerprint instead of copying tens of GB). Every new version gets
 ``@challenger``; ``@champion`` moves only when the evaluation gate passes (``register.gate_metric`` compared
@@ -23,39 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema
 
 import pickstyle
-from pickstyle.config import Params, Paths, Sample, parse_params
+from pickstyle.config import Params, Paths, parse_params
 from pickstyle.errors import PickstyleError
 from pickstyle.files import sha256_tree, write_json
+from pickstyle.serving import input_example, model_signature
 
 #: Environment overrides of the tracking URI, first match wins.
 URI_ENV = ("PICKSTYLE_MLFLOW_URI", "MLFLOW_TRACKING_URI")
 #: Environment override of the artifact root used when an experiment is created.
 ARTIFACTS_ENV = "PICKSTYLE_MLFLOW_ARTIFACTS"
+#: Set by the retrain-style flow for its stages: the style being retrained (names and labels the training run).
+STYLE_ENV = "PICKSTYLE_STYLE"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 #: Files of an adapter folder that make up the registered adapter (checkpoints and logs stay behind).
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "pickstyle_adapter.json")
-#: Per-row sampling overrides accepted by :meth:`PickStyleModel.predict` (besides video, prompt, output).
-OVERRIDE_COLUMNS: dict[str, str] = {
-    "steps": "long",
-    "guidance": "string",
-    "t_guide": "double",
-    "c_guide": "double",
-    "skip": "long",
-    "scheduler": "string",
-    "shift": "double",
-    "negative_prompt": "string",
-    "adapter_scale": "double",
-    "seed": "long",
-    "max_frames": "long",
-}
 
 
 class RegistryError(PickstyleError):
@@ -179,6 +165,27 @@ def provenance_tags(params: Params, flow_run_id: str | None = None) -> dict[str,
     return tags
 
 
+def style_of(params: Params) -> str:
+    """The style an adapter learns: the retrain flow's ``style``, else ``pairs.styles`` joined by ``+`` (built-in
+    pairs), else the pairs source (an importer reads every style under its folder)."""
+    if os.environ.get(STYLE_ENV):
+        return os.environ[STYLE_ENV]
+    if params.pairs.source == "builtin":
+        return "+".join(params.pairs.styles)
+    return params.pairs.source
+
+
+def run_name(stage: str, params: Params) -> str:
+    """``<stage>-<style>-<experiment>``: the DVC experiment (``DVC_EXP_NAME``), or ``workspace`` outside one.
+
+    Many styles at once read ``<n>-styles`` (the full list is the run's ``style`` parameter).
+    """
+    style = style_of(params)
+    if len(style) > 40 and not os.environ.get(STYLE_ENV):
+        style = f"{len(params.pairs.styles)}-styles"
+    return f"{stage}-{style}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
+
+
 def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Copy the files that define an adapter (:data:`ADAPTER_FILES`) into ``out_dir``."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -235,113 +242,6 @@ def backbone_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# --- the pyfunc model ------------------------------------------------------------------------------------------
-
-
-def model_signature() -> ModelSignature:
-    """Inputs: ``video`` (path), ``prompt``, optional ``output`` and sampling overrides; output: the path."""
-    inputs = [
-        ColSpec("string", "video"),
-        ColSpec("string", "prompt"),
-        ColSpec("string", "output", required=False),
-    ]
-    inputs += [ColSpec(kind, name, required=False) for name, kind in OVERRIDE_COLUMNS.items()]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("string", "output")]))
-
-
-def input_example() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "video": ["input.mp4"],
-            "prompt": ["anime style. a wolf walking in the snow"],
-            "output": ["output.mp4"],
-        }
-    )
-
-
-def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    return not (isinstance(value, float) and math.isnan(value))
-
-
-class PickStyleModel(mlflow.pyfunc.PythonModel):
-    """Stylize videos with a registered adapter: ``predict(DataFrame[video, prompt, output?, ...]) -> [path]``.
-
-    The pipeline (backbone + adapter) is loaded once, on the first call, and reused.
-    """
-
-    def load_context(self, context: Any) -> None:
-        artifacts = context.artifacts
-        self.adapter_dir = Path(artifacts["adapter"])
-        self.params = parse_params(json.loads(Path(artifacts["params"]).read_text()), "registered params")
-        backbone = artifacts.get("backbone")
-        if backbone is None:  # real profiles: the backbone stays where it was recorded
-            from pickstyle.model.components import backbone_path
-
-            backbone = backbone_path(self.params)
-        self.backbone_dir = Path(backbone)
-        self._pipe = None
-
-    def _pipeline(self, sample: Sample) -> Any:
-        if self._pipe is None:
-            from pickstyle.files import resolve_device
-            from pickstyle.model.adapters import load_adapter
-            from pickstyle.model.components import load_pipeline
-            from pickstyle.model.pipeline import PickStylePipeline
-
-            self._pipe = load_pipeline(
-                self.backbone_dir,
-                device=resolve_device(sample.device),
-                dtype=self.params.model.dtype,
-                pipeline_cls=PickStylePipeline,
-            )
-            self._adapter_name = load_adapter(self._pipe, self.adapter_dir, scale=sample.adapter_scale)
-        self._pipe.set_adapters([self._adapter_name], [sample.adapter_scale])
-        return self._pipe
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> list[str]:
-        """Stylize each row's ``video`` with its ``prompt``; returns the written mp4 paths, in row order.
-
-        A missing ``output`` goes to a fresh temporary folder as ``<stem>.pickstyle.mp4``. Optional columns (and
-        MLflow inference ``params``) override the registered sampling settings: steps, guidance, t_guide, c_guide,
-        skip, scheduler, shift, negative_prompt, adapter_scale, seed, max_frames.
-        """
-        outputs = []
-        for row in model_input.to_dict(orient="records"):
-            settings = {**(params or {}), **{k: v for k, v in row.items() if _present(v)}}
-            if not settings.get("video") or not settings.get("prompt"):
-                raise RegistryError("each row needs a video path and a prompt")
-            outputs.append(str(self._stylize_row(settings)))
-        return outputs
-
-    def _stylize_row(self, settings: dict[str, Any]) -> Path:
-        from pickstyle.stylize import read_fitted, render_fitted
-
-        sample_fields = set(Sample.model_fields)
-        overrides = {k: v for k, v in settings.items() if k in sample_fields}
-        sample = self.params.sample.model_copy(update=overrides)
-        sample = Sample.model_validate(sample.model_dump())  # validate overrides (guidance names, types)
-        video = Path(settings["video"])
-        output = settings.get("output")
-        output = (
-            Path(output)
-            if output
-            else Path(tempfile.mkdtemp(prefix="pickstyle-")) / f"{video.stem}.pickstyle.mp4"
-        )
-        seed = int(settings.get("seed", 0))
-        max_frames = int(settings["max_frames"]) if settings.get("max_frames") else None
-        profile = self.params.active
-
-        fitted, fps, region = read_fitted(video, profile.height, profile.width, "crop", max_frames)
-        pipe = self._pipeline(sample)
-        return render_fitted(
-            pipe, fitted, fps, region, output, settings["prompt"], sample, seed, length=profile.frames
-        )
-
-
 # --- register --------------------------------------------------------------------------------------------------
 
 
@@ -375,6 +275,36 @@ def _read_metrics(params: Params) -> dict[str, float]:
         return {}
     data = json.loads(path.read_text())
     return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def metrics_table(metrics: dict[str, float]) -> dict[str, list[Any]]:
+    """``eval/metrics.json`` as one table: a row per ``<group>/<metric>`` with its value and standard error.
+
+    ``cs_cfg/style_psnr`` and ``cs_cfg/style_psnr_se`` become the row (``cs_cfg``, ``style_psnr``, value, se);
+    the columns are ``group``, ``metric``, ``value``, ``se`` (``None`` where no standard error was measured).
+    """
+    table: dict[str, list[Any]] = {"group": [], "metric": [], "value": [], "se": []}
+    for key in sorted(metrics):
+        if key.endswith("_se") and key.removesuffix("_se") in metrics:
+            continue
+        group, _, metric = key.rpartition("/")
+        se = metrics.get(f"{key}_se")
+        table["group"].append(group)
+        table["metric"].append(metric)
+        table["value"].append(metrics[key] if math.isfinite(metrics[key]) else None)
+        table["se"].append(se if se is not None and math.isfinite(se) else None)
+    return table
+
+
+def metrics_markdown(table: dict[str, list[Any]], gate_metric: str) -> str:
+    """The metrics table in markdown (the model version's description); the gate metric's row in bold."""
+    lines = ["| group | metric | value | se |", "|---|---|---|---|"]
+    for group, metric, value, se in zip(*table.values(), strict=True):
+        cells = [group, metric, "" if value is None else f"{value:.4g}", "" if se is None else f"{se:.2g}"]
+        if f"{group}/{metric}" == gate_metric:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _pip_requirements() -> list[str]:
@@ -450,7 +380,8 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
 
         tags = provenance_tags(params, flow_run_id)
         tags["adapter_sha256"] = sha
-        # Only the gate metric and its spread as tags (every metric is in the registration run's metrics).
+        # Only the gate metric and its spread as tags: every metric is in the version's table artifact
+        # (model/eval_metrics.json), its description (markdown) and the registration run's metrics.
         tags.update(
             {
                 f"eval.{k}": repr(metrics[k])
@@ -496,11 +427,14 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
                 }
             )
             mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+            table = metrics_table(metrics)
+            if metrics:  # beside the MLmodel file, so the version's own artifacts carry it
+                mlflow.log_table(table, artifact_file="model/eval_metrics.json")
             model_dir = Path(tmp) / "model"
             code = Path(tmp) / "pickstyle_model.py"
             code.write_text(
                 '"""MLflow models-from-code entry: the PickStyle pyfunc."""\n'
-                "import mlflow\n\nfrom pickstyle.registry import PickStyleModel\n\n"
+                "import mlflow\n\nfrom pickstyle.serving import PickStyleModel\n\n"
                 "mlflow.models.set_model(PickStyleModel())\n"
             )
             mlflow.pyfunc.save_model(
@@ -513,11 +447,18 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
                 metadata={"adapter_sha256": sha, "profile": params.profile},
             )
             # save_model + log_artifacts (not log_model): log_model would load the pipeline and stylize the
-            # input example (a path that does not exist) to "validate" it.
+            # input example to "validate" it (minutes on a real backbone, at every registration).
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             run_id = run.info.run_id
+        description = (
+            f"Evaluation (`{params.paths.eval}/metrics.json`, gate `{cfg.gate_metric}` in bold):\n\n"
+        )
         version = client.create_model_version(
-            name, source=f"{client.get_run(run_id).info.artifact_uri}/model", run_id=run_id, tags=tags
+            name,
+            source=f"{client.get_run(run_id).info.artifact_uri}/model",
+            run_id=run_id,
+            tags=tags,
+            description=description + metrics_markdown(table, cfg.gate_metric) if metrics else None,
         )
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         if passed:
@@ -645,7 +586,6 @@ def load_registered(
 
 
 __all__ = [
-    "PickStyleModel",
     "RegistryError",
     "adapter_sha256",
     "artifact_root",
@@ -653,7 +593,11 @@ __all__ = [
     "find_versions",
     "gate_passes",
     "load_registered",
+    "metrics_markdown",
+    "metrics_table",
     "provenance_tags",
     "register",
+    "run_name",
+    "style_of",
     "tracking_uri",
 ]

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pickstyle.config import Params, Sample
 from pickstyle.errors import PickstyleError
+from pickstyle.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -224,28 +224,6 @@ def read_fitted(
     return np.stack(fitted), fps, region
 
 
-def _resolve_model(
-    params: Params, adapter: str | Path | None, model_uri: str | None
-) -> tuple[Path, Path | None]:
-    """The backbone folder and the adapter folder (``None`` = base model)."""
-    from pickstyle.model.components import ensure_backbone
-
-    backbone: Path | None = None
-    if model_uri:
-        try:
-            from pickstyle.registry import load_registered
-        except ImportError as err:
-            raise StylizeError(f"--model {model_uri}: the MLflow registry is not available ({err})") from None
-        info = load_registered(model_uri, params=params)
-        adapter = info.get("adapter_dir")
-        backbone = Path(info["backbone_dir"]) if info.get("backbone_dir") else None
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not adapter.is_dir():
-            raise StylizeError(f"{adapter}: adapter folder not found")
-    return (backbone or ensure_backbone(params)), adapter
-
-
 def stylize_file(
     input: str | Path,
     output: str | Path,
@@ -254,7 +232,7 @@ def stylize_file(
     params: Params,
     sample: Sample,
     adapter: str | Path | None = None,
-    model_uri: str | None = None,
+    backbone: str | Path | None = None,
     side_by_side: bool = False,
     fit: str = "crop",
     seed: int = 0,
@@ -271,8 +249,9 @@ def stylize_file(
         prompt: the style prompt, e.g. ``"anime style. a wolf walking in the snow"``.
         params: the project params (profile size and clip length, backbone, paths).
         sample: sampling settings (``params.sample`` with CLI overrides).
-        adapter: adapter folder (diffusers LoRA format); ``None`` with no ``model_uri`` = the base model.
-        model_uri: ``models:/NAME@ALIAS`` from the MLflow registry (gives the adapter and the backbone).
+        adapter: adapter folder (diffusers LoRA format); ``None`` = the base model. A registered model's adapter
+            and backbone come from :func:`pickstyle.registry.load_registered` (the CLI's ``--model``).
+        backbone: backbone folder (default: the params' backbone, built if missing for the tiny profile).
         side_by_side: write source | result.
         fit: ``crop`` (resize to cover + centre crop) or ``pad`` (letterbox, cut off again afterwards).
         seed: noise and null-context seed.
@@ -286,7 +265,7 @@ def stylize_file(
         ``output`` as a Path.
     """
     from pickstyle.files import resolve_device
-    from pickstyle.model.components import load_pipeline
+    from pickstyle.model.components import ensure_backbone, load_pipeline
     from pickstyle.model.pipeline import PickStylePipeline
 
     input, output = Path(input), Path(output)
@@ -322,9 +301,11 @@ def stylize_file(
             )
             fitted = fitted[:keep]
 
-    backbone, adapter_dir = _resolve_model(params, adapter, model_uri)
+    adapter_dir = Path(adapter) if adapter is not None else None
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise StylizeError(f"{adapter_dir}: adapter folder not found")
     pipe = load_pipeline(
-        backbone,
+        Path(backbone) if backbone is not None else ensure_backbone(params),
         device=resolve_device(sample.device),
         dtype=params.model.dtype,
         pipeline_cls=PickStylePipeline,
@@ -398,7 +379,7 @@ def render_fitted(
     pipe.set_progress_bar_config(disable=not show, desc="steps", leave=False)
     windows = plan_windows(len(fitted), length, sample.window_overlap)
     results = []
-    for start, end in tqdm(windows, desc="windows", unit="window", disable=not show or len(windows) == 1):
+    for start, end in progress(windows, desc="windows", unit="window", disable=len(windows) == 1):
         results.append(
             ((start, end), stylize_frames(pipe, fitted[start:end], prompt, sample, seed, height, width))
         )

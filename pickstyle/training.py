@@ -610,9 +610,9 @@ def train(
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
 
     from pickstyle.model.components import ensure_backbone, resolve_dtype
+    from pickstyle.progress import progress
 
     t = params.train
     # Before CUDA starts: growable segments instead of fixed blocks, so the allocator does not fragment on
@@ -699,9 +699,7 @@ def train(
     # CPU), none for an fp32 base. LoRA master weights stay fp32 either way.
     compute_dtype = resolve_dtype(params.model.dtype, str(device))
     autocast = compute_dtype != torch.float32
-    pbar = tqdm(
-        total=t.steps, initial=start_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
-    )
+    pbar = progress(total=t.steps, initial=start_step, disable=not main, desc="train", unit="step")
     run_samples, run_seconds, window = 0, 0.0, []
     grad_norm: float | None = None
     step, status = start_step, "FAILED"
@@ -876,11 +874,11 @@ def _start_mlflow(params: Params, run_id: str | None) -> str:
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the checkpoint came from another tracking store: start a new run
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{params.profile}")
-    mlflow.log_params(_flat_params(params))
-    from pickstyle.registry import provenance_tags
+    from pickstyle.registry import provenance_tags, run_name, style_of
 
-    mlflow.set_tags({"stage": "train", **provenance_tags(params)})
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name("train", params))
+    mlflow.log_params({**_flat_params(params), "style": style_of(params)})
+    mlflow.set_tags({"stage": "train", "style": style_of(params), **provenance_tags(params)})
     return run.info.run_id
 
 

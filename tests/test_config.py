@@ -87,3 +87,35 @@ def test_default_negative_prompt_is_wans_byte_for_byte() -> None:
     )
     assert WAN_NEGATIVE_PROMPT.encode("utf-8") == wan.encode("utf-8")
     assert "丑陋的，残缺的，" in WAN_NEGATIVE_PROMPT
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--c-guide", "nan"], "--c-guide: must be finite"),
+        (["--t-guide", "-1"], "--t-guide: must be >= 0"),
+        (["--steps", "0"], "--steps: must be >= 1"),
+        (["--steps", "4", "--skip", "4"], "--skip: must be < steps (4)"),
+        (["--skip", "-1"], "--skip: must be >= 0"),
+        (["--shift", "inf"], "--shift: must be finite"),
+        (["--cache-threshold", "-0.1"], "--cache-threshold: must be >= 0"),
+    ],
+)
+def test_stylize_rejects_bad_sampling_values_in_one_line(tmp_path, capsys, flags, message):
+    """Checked before the video is read or a model is loaded (the input does not even exist)."""
+    from pickstyle.cli import main
+
+    argv = ["stylize", str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--prompt", "p"]
+    assert main([*argv, "--params", str(tmp_path / "none.yaml"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pickstyle stylize: error: {message}\n"
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_sampling_values_validated_in_params():
+    with pytest.raises(ParamsError, match=r"sample\.c_guide: must be finite"):
+        parse_params({"sample": {"c_guide": float("nan")}})
+    with pytest.raises(ParamsError, match=r"evaluate\.sample\.skip: must be < steps \(8\)"):
+        parse_params({"evaluate": {"sample": {"steps": 8, "skip": 8}}})
+    # steps and skip overridden together are checked together
+    assert parse_params({}, overrides={"sample.steps": 4, "sample.skip": 3}).sample.skip == 3

@@ -250,3 +250,19 @@ def test_adapter_identity_ignores_safetensors_metadata_order(tmp_path) -> None:
         struct.pack("<Q", len(header)) + header + bytes(reversed(data))
     )
     assert registry.adapter_sha256(tmp_path / "a1") != shas[0]  # different weights: a different adapter
+
+
+def test_runs_are_named_by_style_and_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in (registry.STYLE_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    params = parse_params({"pairs": {"styles": ["anime", "sketch"]}})
+    assert registry.style_of(params) == "anime+sketch"
+    assert registry.run_name("train", params) == "train-anime+sketch-workspace"
+    many = parse_params({"pairs": {"styles": ["anime", "sketch", "sepia", "pixel", "watercolor", "anime2"]}})
+    assert registry.run_name("train", many) == "train-6-styles-workspace"
+    imported = parse_params({"pairs": {"source": "omniconsistency", "root": "/data/omni"}})
+    assert registry.style_of(imported) == "omniconsistency"
+    # inside the retrain flow's DVC experiment: its style and experiment name
+    monkeypatch.setenv(registry.STYLE_ENV, "lego")
+    monkeypatch.setenv("DVC_EXP_NAME", "retrain-lego-0102")
+    assert registry.run_name("train", imported) == "train-lego-retrain-lego-0102"

@@ -304,6 +304,8 @@ def test_outputs_and_mlflow_run(workdir):
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "4"
+    styles = "+".join(params.pairs.styles)  # named by style and experiment (none here: the workspace)
+    assert run.data.params["style"] == styles and run.info.run_name == f"train-{styles}-workspace"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
     assert {"loss", "lr", "samples_per_s", "final_loss"} <= set(run.data.metrics)
     experiment = client.get_experiment(run.info.experiment_id)

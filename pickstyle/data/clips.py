@@ -38,7 +38,6 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pickstyle.config import Params
 from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, render_pair
@@ -54,6 +53,7 @@ from pickstyle.data.shards import (
 from pickstyle.data.video import VideoError, encode_video, read_video, resize_cover_crop
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, write_json
+from pickstyle.progress import progress
 
 PREFIX = "clips"
 TEST_PREFIX = "testclips"
@@ -331,7 +331,7 @@ def render_chunk(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serial_map(fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
-    return [fn(item) for item in tqdm(items, desc="clips", unit="shard", mininterval=0.5)]
+    return [fn(item) for item in progress(items, desc="clips", unit="shard")]
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -490,11 +490,33 @@ def _iter_clip_shards(
             meta = json.loads(sample["json"])
         except (VideoError, ValueError) as err:
             raise ShardError(f"{url}: sample {key}: {err}") from None
+        # A cut or damaged mp4 still decodes its first frames: compare with the geometry the json recorded.
+        want = [meta.get(k) for k in ("frames", "height", "width")]
+        for part, frames in (("src.mp4", src), ("style.mp4", style)):
+            if None not in want and list(frames.shape[:3]) != want:
+                raise ShardError(
+                    f"{url}: sample {key}: {part} decodes to {list(frames.shape[:3])} frames x height x width, "
+                    f"the json says {want} (a truncated or corrupt clip)"
+                )
         yield {"key": key, "src": src, "style": style, "meta": meta}
 
 
+def text_strip(width: int, text: str, height: int = 12) -> np.ndarray:
+    """A white ``[height, width, 3]`` strip with ``text`` in black (PIL's default font), cut with "..." to fit."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    while len(text) > 3 and draw.textlength(text) > width - 4:
+        text = text[:-4] + "..."
+    draw.text((2, 0), text, fill=(0, 0, 0))
+    return np.asarray(strip)
+
+
 def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int) -> Path | None:
-    """``preview.gif``: ``n`` clips spread over the stage's output, one row each (source | style)."""
+    """``preview.gif``: ``n`` clips spread over the stage's output, one row each (source | style).
+
+    Column titles on top; above each row its style and prompt (the caption the adapter trains with)."""
     target = out_dir / "preview.gif"
     keys = [(r["shard"], k) for r in results for k in r["keys"]]
     if n <= 0 or not keys:
@@ -504,12 +526,14 @@ def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int
         keys[i]
         for i in sorted({round(i * (len(keys) - 1) / max(1, n - 1)) for i in range(min(n, len(keys)))})
     ]
-    rows = []
+    rows, labels = [], []
     for shard in dict.fromkeys(s for s, _ in chosen):
         want = {k for s, k in chosen if s == shard}
         for clip in _iter_clip_shards([out_dir / shard], keys=want):
             gap = np.full_like(clip["src"][:, :, :2], 255)
             rows.append(np.concatenate([clip["src"], gap, clip["style"]], axis=2))
+            meta = clip["meta"]
+            labels.append(f"{meta.get('style_name') or meta.get('style') or '?'}: {meta.get('caption', '')}")
     t = min(len(r) for r in rows)
     width = min(rows[0].shape[2], 2 * PREVIEW_CELL_WIDTH + 2)
     scaled = []
@@ -517,7 +541,12 @@ def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int
         h = round(r.shape[1] * width / r.shape[2])
         scaled.append(np.stack([cv2.resize(f, (width, h), interpolation=cv2.INTER_AREA) for f in r[:t]]))
     sep = np.full((t, 2, width, 3), 255, np.uint8)
-    grid = np.concatenate([x for r in scaled for x in (r, sep)][:-1], axis=1)
+    half = (width - 2) // 2
+    titles = np.concatenate([text_strip(half, "source"), text_strip(width - half, "style (target)")], axis=1)
+    parts = [np.repeat(titles[None], t, axis=0)]
+    for r, label in zip(scaled, labels, strict=True):
+        parts += [sep, np.repeat(text_strip(width, label)[None], t, axis=0), r]
+    grid = np.concatenate(parts, axis=1)
     images = [Image.fromarray(f) for f in grid]
     with atomic_path(target) as tmp:
         images[0].save(

@@ -33,13 +33,13 @@ import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from pickstyle.config import Params
 from pickstyle.data.shards import ShardError, ShardSink, iter_samples, list_shards, remove_shards
 from pickstyle.data.styles import STYLES, apply_style, style_caption_name
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, write_json
+from pickstyle.progress import progress
 
 PREFIX = "pairs"
 #: Smallest accepted image side: the styles' windows and the later video crops need a few pixels to work on.
@@ -335,7 +335,7 @@ def build_pairs(params: Params) -> dict[str, Any]:
     names: dict[str, str] = {}
     keys: set[str] = set()
     with ShardSink(out_dir, PREFIX, cfg.shard_size) as sink:
-        for job in tqdm(jobs, desc="pairs", unit="pair", mininterval=0.5):
+        for job in progress(jobs, desc="pairs", unit="pair"):
             try:
                 pair = job()
             except _Reject as rej:

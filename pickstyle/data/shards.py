@@ -125,15 +125,36 @@ def remove_shards(folder: str | Path, prefix: str) -> None:
         os.remove(p)
 
 
+def check_complete(shard: str | Path) -> None:
+    """Fail, naming the shard and the sample, when ``shard`` is not a tar or is cut short (a copy or a write that
+    stopped half-way). Reads the member headers only."""
+    shard = Path(shard)
+    size = shard.stat().st_size if shard.is_file() else 0
+    try:
+        with tarfile.open(shard, "r") as tar:
+            member = None
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    key = member.name.split(".", 1)[0]
+                    have = max(0, size - member.offset_data)
+                    raise ShardError(
+                        f"{shard}: truncated at sample {key!r} ({member.name}: {have} of {member.size} bytes)"
+                    )
+            # A cut between two members reads as a shorter archive: the two zero end blocks are missing then.
+            if member is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                key = member.name.split(".", 1)[0]
+                raise ShardError(f"{shard}: truncated after {member.name} (sample {key!r} may be incomplete)")
+    except ShardError:
+        raise
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"{shard}: not a readable tar shard ({err})") from None
+
+
 def iter_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
-    """Yield every sample of ``shards`` in order, as raw bytes; errors name the shard."""
+    """Yield every sample of ``shards`` in order, as raw bytes; errors name the shard (and the sample when known)."""
     for shard in shards:
         shard = str(shard)
-        try:
-            with tarfile.open(shard, "r"):  # fail early, naming the shard, when it is not a tar at all
-                pass
-        except (OSError, tarfile.TarError) as err:
-            raise ShardError(f"{shard}: not a readable tar shard ({err})") from None
+        check_complete(shard)  # fail early, naming the shard and the sample, on a broken or cut-short tar
         try:
             ds = wds.WebDataset(shard, shardshuffle=False, empty_check=False)
             yield from ds

@@ -121,3 +121,35 @@ def test_second_repro_is_a_no_op(tmp_path: Path):
     second = run(*dvc, "repro", "pairs")
     assert "Running stage" not in second and "didn't change" in second
     assert (work / "dvc.lock").read_text() == lock
+
+
+def test_plots_are_images_that_render_offline(tmp_path: Path):
+    """`dvc plots show` draws vega charts with scripts from a CDN (blank offline): only PNGs are declared as plots,
+    and the page it writes loads no script at all."""
+    from PIL import Image
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    plots = [p if isinstance(p, str) else next(iter(p)) for p in spec["plots"]]
+    assert plots and all(p.endswith(".png") for p in plots)
+    assert not [name for name, stage in spec["stages"].items() if "plots" in stage]
+    assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().splitlines()
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for plot in plots:
+        (tmp_path / plot).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / plot)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "-o", "dvc_plots"],
+        cwd=tmp_path,
+        env={**env, "DVC_NO_ANALYTICS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    html = (tmp_path / "dvc_plots" / "index.html").read_text()
+    assert "<script" not in html and html.count("<img") == len(plots)

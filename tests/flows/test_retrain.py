@@ -106,7 +106,28 @@ def test_schedules_from_params() -> None:
     schedules = retrain.schedules_from_params(params)
     assert [s.parameters for s in schedules] == [{"style": "anime"}, {"style": "sketch"}]
     assert [s.cron for s in schedules] == ["0 3 * * 1", "0 4 * * 2"]
-    assert retrain.schedules_from_params(parse_params({})) == []
+    assert retrain.schedules_from_params(parse_params({"retrain": {"schedules": {}}})) == []
+
+
+def test_serve_uses_the_params_schedules_under_its_own_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` and ``prefect deploy`` make two deployments (neither overwrites the other); the shipped
+    params.yaml schedules are the ones prefect.yaml declares (and the README shows)."""
+    from pickstyle.config import load_params
+
+    served = {}
+    monkeypatch.setattr(retrain.retrain_style, "serve", lambda **kwargs: served.update(kwargs))
+    params = load_params(ROOT / "params.yaml")
+    retrain.serve(params)
+    assert served["name"] == retrain.SERVED_DEPLOYMENT
+    got = {s.parameters["style"]: s.cron for s in served["schedules"]}
+    assert got == params.retrain.schedules and got
+
+    data = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert retrain.SERVED_DEPLOYMENT not in [d["name"] for d in data["deployments"]]
+    (dep,) = [d for d in data["deployments"] if d["name"] == retrain.DEPLOYMENT]
+    assert {s["parameters"]["style"]: s["cron"] for s in dep["schedules"]} == params.retrain.schedules
+    for style, cron in params.retrain.schedules.items():
+        assert f'{style}: "{cron}"' in (ROOT / "README.md").read_text()
 
 
 def test_run_experiment_streams_and_fails_loudly(tmp_path: Path) -> None:
