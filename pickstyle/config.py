@@ -137,6 +137,14 @@ class Profile(_Section):
     eval_steps: int = Field(default=20, ge=1)
     eval_t_guide: float = 5.0
     eval_c_guide: float = 4.0
+    #: Motion variants per pair when ``clips.variants`` is null: training visits one per pair per epoch, a new
+    #: one each epoch (the reference draws a fresh motion on every visit, over 57 epochs).
+    clip_variants: int = Field(default=8, ge=1)
+    #: Shared horizontal-flip probability when ``clips.flip_prob`` is null (the reference does not flip: 0).
+    flip_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: Chroma of the near-lossless clips when ``clips.chroma`` is null: ``444`` keeps full colour detail
+    #: (the reference trains on RGB frames); ``420`` is smaller.
+    chroma: Literal["420", "444"] = "444"
 
     @field_validator("frames")
     @classmethod
@@ -169,6 +177,9 @@ def _default_profiles() -> dict[str, Profile]:
             eval_steps=8,
             eval_t_guide=2.0,
             eval_c_guide=1.0,
+            clip_variants=2,
+            flip_prob=0.5,
+            chroma="420",
         ),
         "wan-1.3b": Profile(backbone="wan-1.3b", frames=81, height=480, width=832, fps=16),
         "wan-14b": Profile(backbone="wan-14b", frames=81, height=480, width=832, fps=16),
@@ -197,8 +208,9 @@ class Pairs(_Section):
 class Clips(_Section):
     """The ``clips`` stage: synthetic camera-motion clips with shared augmentation, and held-out test clips."""
 
-    #: Motion variants rendered per pair (K).
-    variants: int = 1
+    #: Motion variants rendered per pair (K); null = the profile's ``clip_variants`` (tiny 2, real 8). Training
+    #: visits one variant per pair per epoch, a different one each epoch.
+    variants: int | None = Field(default=None, ge=1)
     #: Relative weights of the moving motions (the reference mix by default; rotate drawn twice as often).
     motion_mix: dict[str, float] = Field(
         default_factory=lambda: {
@@ -218,14 +230,17 @@ class Clips(_Section):
     static_prob: float = 0.2
     #: Source-only photometric augmentation (off: any colour change on the style image changes the style).
     source_photometric: bool = False
-    #: Probability of a horizontal flip of *both* images before the motion (one shared draw). [clips helper]
-    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: Probability of a horizontal flip of *both* images before the motion (one shared draw); null = the
+    #: profile's (tiny 0.5, real 0: the reference does not flip). [clips helper]
+    flip_prob: float | None = Field(default=None, ge=0.0, le=1.0)
     #: Shared random crop before the motion: side fraction kept, drawn in [crop_min, 1] (1.0 = off, as the
     #: reference). [clips helper]
     crop_min: float = Field(default=1.0, gt=0.0, le=1.0)
     #: H.264 quality: ``near_lossless`` (libx264, crf below, yuv420p) or ``lossless`` (libx264rgb, qp 0: exact RGB).
     quality: Literal["near_lossless", "lossless"] = "near_lossless"
     crf: int = 12
+    #: Chroma subsampling of ``near_lossless`` clips; null = the profile's (tiny 420, real 444).
+    chroma: Literal["420", "444"] | None = None
     #: Optional folder of real videos (mp4/mov/webm/gif) cut into "reconstruct." clips.
     reconstruct_dir: str | None = None
     #: Caption description used for reconstruction clips (a ``<video>.txt`` beside a video overrides it).
@@ -370,7 +385,9 @@ class Sample(_Section):
     # short form the CLI turns into "--c-guide: must be finite".
     @field_validator("t_guide", "c_guide", "shift", "cache_threshold", "adapter_scale")
     @classmethod
-    def _finite(cls, value: float, info: ValidationInfo) -> float:
+    def _finite(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:  # evaluate.sample: null = the profile's value
+            return value
         if not math.isfinite(value):
             raise PydanticCustomError("not_finite", "must be finite")
         if info.field_name == "shift" and value <= 0:
@@ -381,8 +398,8 @@ class Sample(_Section):
 
     @field_validator("steps")
     @classmethod
-    def _some_steps(cls, value: int) -> int:
-        if value < 1:
+    def _some_steps(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise PydanticCustomError("out_of_range", "must be >= 1")
         return value
 
@@ -481,6 +498,12 @@ class Params(_Section):
             self.train.steps = profile.train_steps
         if self.train.gradient_checkpointing is None:
             self.train.gradient_checkpointing = profile.gradient_checkpointing
+        if self.clips.variants is None:
+            self.clips.variants = profile.clip_variants
+        if self.clips.flip_prob is None:
+            self.clips.flip_prob = profile.flip_prob
+        if self.clips.chroma is None:
+            self.clips.chroma = profile.chroma
         sample = self.evaluate.sample
         if sample.steps is None:
             sample.steps = profile.eval_steps

@@ -343,10 +343,21 @@ def build_latents(params: Params) -> dict[str, Any]:
     pipe = load_pipeline(backbone, device=device, dtype=params.model.dtype)
     start = time.perf_counter()
     count, shapes, nbytes = kept * size, {}, 0
+    pairs: set[str] = set()
+    variants = 1
+    if kept:  # the pairs of the kept shards
+        for raw in iter_samples(list_shards(out_dir, PREFIX)[:kept]):
+            meta = json.loads(raw["json"])
+            if meta.get("kind") == "pair":
+                pairs.add(meta.get("pair_key", raw["__key__"]))
+                variants = max(variants, int(meta.get("variants") or 1))
     with ShardSink(out_dir, PREFIX, size, start=kept) as sink:
         for clip in tqdm(
             iter_clips(clips_dir, skip=kept * size), desc="latents", unit="clip", initial=kept * size
         ):
+            if clip["meta"].get("kind") == "pair":
+                pairs.add(clip["meta"].get("pair_key", clip["key"]))
+                variants = max(variants, int(clip["meta"].get("variants") or 1))
             encoded = encode_clip(pipe, clip["src"], clip["style"], clip["meta"]["caption"], device=device)
             sample, constants = to_sample(clip["key"], encoded, clip["meta"], prompt_length(pipe))
             shapes = {k: list(v.shape) for k, v in encoded.items()}
@@ -365,6 +376,8 @@ def build_latents(params: Params) -> dict[str, Any]:
         "shards": kept + len(sink.paths),
         "shapes": shapes,
         "bytes_per_clip": nbytes,
+        "pairs": len(pairs),
+        "variants": variants,
         "device": device,
         "backbone": str(backbone),
     }

@@ -130,6 +130,45 @@ def _meta_of(raw: dict[str, Any]) -> dict[str, Any]:
     return json.loads(data.decode("utf-8") if isinstance(data, bytes | bytearray) else data)
 
 
+def visits(meta: dict[str, Any], seed: int, epoch: int) -> bool:
+    """Whether epoch ``epoch`` visits this clip: one motion variant per pair per epoch, a new one each epoch.
+
+    The clips stage renders K variants of each pair (``variant`` 0..K-1 of ``variants`` K in the meta). Epoch e
+    visits variant ``(e + offset) mod K`` of a pair, the offset drawn per pair from the seed, so an epoch is one
+    pass over the pairs and K epochs show each pair in K different camera motions (the reference draws a fresh
+    motion on every visit). Clips without variants (test, "reconstruct.", old caches) are visited every epoch.
+    """
+    k = int(meta.get("variants") or 1)
+    if k <= 1 or "variant" not in meta:
+        return True
+    offset = int.from_bytes(hashlib.sha256(f"variant:{seed}:{meta.get('pair_key')}".encode()).digest()[:4])
+    return int(meta["variant"]) == (epoch + offset) % k
+
+
+def distinct_motions(steps: int, samples_per_step: int, pairs: int, variants: int) -> float:
+    """Mean number of distinct motion variants each pair is trained on over ``steps`` (reported by ``train``)."""
+    if pairs <= 0:
+        return 0.0
+    visits = steps * samples_per_step / pairs  # epochs
+    full, part = int(visits), visits - int(visits)
+    return min(variants, full) + (part if full < variants else 0.0)
+
+
+def _motion_report(latents_dir: Path, samples: int) -> dict[str, Any]:
+    """Pairs, motion variants and the distinct motions per pair a run of ``samples`` clips shows (from the
+    latents stage's summary; empty when it has none)."""
+    try:
+        summary = json.loads((latents_dir / "summary.json").read_text())
+        pairs, variants = int(summary["pairs"]), int(summary["variants"])
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {
+        "pairs": pairs,
+        "motion_variants": variants,
+        "motions_per_pair": round(distinct_motions(samples, 1, pairs, variants), 2),
+    }
+
+
 def sample_stream(
     shards: list[str | Path],
     *,
@@ -145,7 +184,8 @@ def sample_stream(
     Epoch ``e`` permutes the shard list with a seed of (``seed``, e), identical on every process; with at least
     as many shards as processes, ``wds.split_by_node`` gives each process its own shards (and
     ``wds.split_by_worker`` each DataLoader worker), otherwise every process reads all shards and keeps every
-    ``world_size``-th sample. A seeded shuffle buffer mixes samples across shards.
+    ``world_size``-th sample. A seeded shuffle buffer mixes samples across shards. Of a pair rendered in K
+    motion variants, each epoch keeps one (:func:`visits`).
 
     Args:
         shards: The shard files (or ``pipe:`` URLs).
@@ -177,7 +217,8 @@ def sample_stream(
         for index, raw in enumerate(ds):
             if not by_shard and index % world_size != rank:
                 continue
-            if keep is not None and not keep(_meta_of(raw)):
+            meta = _meta_of(raw)
+            if not visits(meta, seed, epoch) or (keep is not None and not keep(meta)):
                 continue
             yielded += 1
             if skip > 0:
@@ -794,6 +835,7 @@ def train(
         "mode": t.mode,
         "device": str(device),
         "lora_params": lora_params,
+        **_motion_report(data_dir / "latents", t.steps * t.batch_size * t.grad_accum * world),
         "lora": lora_cfg,
         "first_loss": float(np.mean([h["loss"] for h in history[:20]])) if history else None,
         "final_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None,

@@ -468,3 +468,32 @@ def test_two_processes_gloo_end_with_identical_adapters(workdir):
     ckpt = tr.list_checkpoints(models / ".checkpoints" / "adapter")[-1]
     assert {p.name for p in ckpt.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     assert len(list_shards(root / "data" / "latents", "latents")) == 4
+
+
+def test_each_epoch_visits_one_motion_variant_per_pair(tmp_path: Path):
+    pairs, k = 5, 3
+    metas = [
+        {"kind": "pair", "pair_key": f"p{p}", "variant": v, "variants": k, "caption": "x"}
+        for p in range(pairs)
+        for v in range(k)
+    ]
+    for epoch in range(k):
+        seen = [(m["pair_key"], m["variant"]) for m in metas if tr.visits(m, 0, epoch)]
+        assert sorted(p for p, _ in seen) == [f"p{p}" for p in range(pairs)]  # every pair once per epoch
+    by_pair = {}
+    for epoch in range(k):
+        for m in metas:
+            if tr.visits(m, 0, epoch):
+                by_pair.setdefault(m["pair_key"], set()).add(m["variant"])
+    assert all(v == set(range(k)) for v in by_pair.values())  # K epochs: K different motions per pair
+    assert tr.visits({"kind": "test"}, 0, 7) and tr.visits({"variant": 0, "variants": 1}, 0, 3)
+    # the stream: one epoch of 15 clips is 5 samples, each pair once
+    samples = [
+        {"__key__": f"{m['pair_key']}_m{m['variant']}", "json": json.dumps(m), "x.bin": b"0"} for m in metas
+    ]
+    shards = write_shards(samples, tmp_path, "latents", shard_size=4)
+    stream = tr.sample_stream(shards, seed=0)
+    epochs = [[json.loads(next(stream)["json"])["pair_key"] for _ in range(pairs)] for _ in range(k)]
+    assert all(sorted(e) == [f"p{p}" for p in range(pairs)] for e in epochs)
+    assert tr.distinct_motions(steps=600, samples_per_step=1, pairs=240, variants=2) == 2.0
+    assert tr.distinct_motions(steps=120, samples_per_step=1, pairs=240, variants=2) == 0.5

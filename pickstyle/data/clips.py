@@ -105,6 +105,7 @@ def _settings(params: Params) -> dict[str, Any]:
         "photometric": c.source_photometric,
         "lossless": c.quality == "lossless",
         "crf": c.crf,
+        "chroma": c.chroma,
         "test_objects": c.test_objects,
         "styles": list(params.pairs.styles),
         "recon_description": c.reconstruct_description,
@@ -127,8 +128,13 @@ def _write_chunk(samples: list[dict[str, Any]], out_dir: str, prefix: str, index
 def _clip_sample(
     key: str, src: np.ndarray, style: np.ndarray | None, meta: dict, s: dict, lossless: bool
 ) -> dict:
-    src_mp4 = encode_video(src, s["fps"], crf=s["crf"], lossless=lossless)
-    style_mp4 = src_mp4 if style is None else encode_video(style, s["fps"], crf=s["crf"], lossless=lossless)
+    chroma = s.get("chroma", "420")
+    src_mp4 = encode_video(src, s["fps"], crf=s["crf"], lossless=lossless, chroma=chroma)
+    style_mp4 = (
+        src_mp4
+        if style is None
+        else encode_video(style, s["fps"], crf=s["crf"], lossless=lossless, chroma=chroma)
+    )
     meta = {
         **meta,
         "frames": int(src.shape[0]),
@@ -138,6 +144,7 @@ def _clip_sample(
         "codec": "libx264rgb" if lossless else "libx264",
         "lossless": lossless,
         "crf": 0 if lossless else s["crf"],
+        **({} if lossless else {"chroma": chroma}),
     }
     return {
         "__key__": key,
@@ -217,6 +224,7 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
                     "source_id": meta.get("source_id", key),
                     "pair_key": key,
                     "variant": v,
+                    "variants": s["variants"],
                     "motion": spec,
                 }
                 samples.append(_clip_sample(f"{key}_m{v}", src_clip, style_clip, clip_meta, s, s["lossless"]))

@@ -61,7 +61,7 @@ def make_pairs(data: Path, n: int = 3, shard_size: int = 2) -> list[Path]:
 
 
 def make_params(data: Path, **clips) -> Params:
-    cfg = {"test_clips": 2, "test_objects": 2, "preview_clips": 2, "shard_size": 4, **clips}
+    cfg = {"test_clips": 2, "test_objects": 2, "preview_clips": 2, "shard_size": 4, "variants": 1, **clips}
     return parse_params(
         {
             "profiles": {"tiny": TINY},
