@@ -20,16 +20,13 @@ x264 runs single-threaded, so the same params give the same shards on any worker
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import math
 import os
-import re
 import shutil
 import tarfile
 import tempfile
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +37,9 @@ import numpy as np
 from PIL import Image
 
 from pickstyle.config import Params
-from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, render_pair
+from pickstyle.data.images import decode_png, key_slug
+from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, job_seed, render_pair
+from pickstyle.data.scenes import _photos, draw_scene, render_scene
 from pickstyle.data.shards import (
     ShardError,
     ShardProgress,
@@ -70,24 +69,6 @@ class ClipsError(PickstyleError):
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def job_seed(seed: int, *parts: str | int) -> int:
-    """Independent seed per (params seed, parts): a clip never depends on how many others exist."""
-    words = [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
-
-
-def _decode_png(data: bytes, where: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB")).copy()
-    except Exception as err:  # PIL raises many types for broken data
-        raise ShardError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
-
-
 def _settings(params: Params) -> dict[str, Any]:
     """The plain values a render worker needs (small, picklable, JSON-able for Prefect task inputs)."""
     c, p = params.clips, params.active
@@ -202,8 +183,8 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
                 want = meta.get(field)
                 if want and hashlib.sha256(sample[part]).hexdigest() != want:
                     raise ShardError(f"{where}: {part} does not match its sha256 (corrupt shard)")
-            src = _decode_png(sample["src.png"], f"{where} src.png")
-            style = _decode_png(sample["style.png"], f"{where} style.png")
+            src = decode_png(sample["src.png"], f"{where} src.png")
+            style = decode_png(sample["style.png"], f"{where} style.png")
             if src.shape != style.shape:
                 raise ShardError(f"{where}: src {src.shape} and style {style.shape} differ in size")
             for v in keys[key]:
@@ -280,7 +261,7 @@ def _render_reconstruct(job: dict[str, Any]) -> dict[str, Any]:
                 "style": "reconstruct",
                 "style_name": "reconstruct",
                 "source_id": path.name,
-                "pair_key": _slug(path.stem),
+                "pair_key": key_slug(path.stem),
                 "variant": w,
                 "motion": {
                     "kind": "real",
@@ -290,7 +271,7 @@ def _render_reconstruct(job: dict[str, Any]) -> dict[str, Any]:
                 },
             }
             samples.append(
-                _clip_sample(f"recon_{_slug(path.stem)}_{w:03d}", clip, None, meta, s, s["lossless"])
+                _clip_sample(f"recon_{key_slug(path.stem)}_{w:03d}", clip, None, meta, s, s["lossless"])
             )
     shard_name = _write_chunk(samples, job["out_dir"], job["prefix"], job["index"])
     return {"shard": shard_name, "keys": [x["__key__"] for x in samples], "motions": {"real": len(samples)}}
@@ -298,8 +279,6 @@ def _render_reconstruct(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- test scenes
 def _render_tests(job: dict[str, Any]) -> dict[str, Any]:
-    # scenes.py imports this module's job_seed and ClipsError, so it is imported here, not at the top
-    from pickstyle.data.scenes import _photos, draw_scene, render_scene
     from pickstyle.data.styles import apply_style, style_caption_name
 
     s = job["settings"]

@@ -23,7 +23,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,38 @@ import numpy as np
 from PIL import Image
 
 from pickstyle.config import Pairs
-from pickstyle.data.pairs import (
-    IMAGE_SUFFIXES,
-    Job,
-    PairsError,
-    _Pair,
-    _Reject,
-    _styled_caption,
-    load_image,
-)
+from pickstyle.data.images import IMAGE_SUFFIXES, Reject, key_slug, load_image
 from pickstyle.data.styles import STYLES, style_caption_name
+from pickstyle.errors import PickstyleError
 
 
-def _slug(text: str) -> str:
-    """A WebDataset-safe key part: letters, digits, ``_`` and ``-`` only (no dots)."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+class PairsError(PickstyleError):
+    """The pairs stage cannot produce any pair (bad config, unreadable layout, or every pair rejected)."""
+
+
+@dataclass
+class _Pair:
+    """A validated pair, before encoding."""
+
+    key: str
+    style: str  # style id (``anime``, ``3d_chibi``)
+    style_name: str  # as written in captions (``Anime``, ``3D Chibi``)
+    caption: str
+    source_id: str
+    src: np.ndarray  # [h, w, 3] uint8
+    style_img: np.ndarray  # [h, w, 3] uint8, same size as src
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _styled_caption(style_name: str, text: str) -> str:
+    """Paper format ``"<style> style. <description>"``; a caption that already names its style is kept."""
+    text = " ".join(text.split())
+    if text.lower().startswith(f"{style_name.lower()} style"):
+        return text
+    return f"{style_name} style. {text}"
+
+
+Job = Callable[[], _Pair]
 
 
 def _style_display_name(folder: str) -> str:
@@ -58,24 +75,24 @@ def _style_display_name(folder: str) -> str:
 
 def _read_caption_file(path: Path, style: str) -> str:
     if not path.is_file():
-        raise _Reject(path, "missing caption", style=style)
+        raise Reject(path, "missing caption", style=style)
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise _Reject(path, "caption is not UTF-8", f"invalid byte at {err.start}", style=style) from None
+        raise Reject(path, "caption is not UTF-8", f"invalid byte at {err.start}", style=style) from None
     except OSError as err:
-        raise _Reject(path, "unreadable caption", str(err), style=style) from None
+        raise Reject(path, "unreadable caption", str(err), style=style) from None
     if not text.strip():
-        raise _Reject(path, "empty caption", style=style)
+        raise Reject(path, "empty caption", style=style)
     return text
 
 
 def _inline_caption(value: Any, where: str, style: str) -> str:
     """A caption given in a manifest row or ``caption.json`` entry."""
     if value is None:
-        raise _Reject(where, "missing caption", style=style)
+        raise Reject(where, "missing caption", style=style)
     if not isinstance(value, str) or not value.strip():
-        raise _Reject(where, "empty caption", style=style)
+        raise Reject(where, "empty caption", style=style)
     return value
 
 
@@ -86,7 +103,7 @@ def _match_sizes(
         return style_img
     (h, w), (sh, sw) = src.shape[:2], style_img.shape[:2]
     if cfg.on_size_mismatch == "reject":
-        raise _Reject(style_path, "size mismatch", f"style {sw}x{sh} vs source {w}x{h}", style=style)
+        raise Reject(style_path, "size mismatch", f"style {sw}x{sh} vs source {w}x{h}", style=style)
     # Pillow's Lanczos: deterministic and good both ways (down- and up-scaling).
     return np.asarray(Image.fromarray(style_img).resize((w, h), Image.Resampling.LANCZOS))
 
@@ -109,26 +126,26 @@ class _Candidate:
     source_id: str
     src: Path  # may not exist: a missing partner is a rejection, not a crash
     style_path: Path
-    caption: Callable[[], str]  # returns the text or raises _Reject
+    caption: Callable[[], str]  # returns the text or raises Reject
 
 
 def _load_candidate(cfg: Pairs, c: _Candidate) -> _Pair:
-    """Validate one imported pair (partner, caption, both images, sizes); raises :class:`_Reject`."""
+    """Validate one imported pair (partner, caption, both images, sizes); raises :class:`Reject`."""
     if not c.src.is_file() or not c.style_path.is_file():
         # Name the file that exists (the user looks for it) and the partner it lacks.
         present, absent, what = (
             (c.style_path, c.src, "source") if not c.src.is_file() else (c.src, c.style_path, "style")
         )
-        raise _Reject(present, "missing partner", f"no {what} image {_rel(absent, c.base)}", style=c.style)
+        raise Reject(present, "missing partner", f"no {what} image {_rel(absent, c.base)}", style=c.style)
     text = c.caption()
     try:
         src_rgb, style_rgb = load_image(c.src), load_image(c.style_path)
-    except _Reject as rej:
+    except Reject as rej:
         rej.style = c.style
         raise
     style_hw = list(style_rgb.shape[:2])
     return _Pair(
-        key=f"{c.style}_{_slug(c.source_id)}",
+        key=f"{c.style}_{key_slug(c.source_id)}",
         style=c.style,
         style_name=c.style_name,
         caption=_styled_caption(c.style_name, text),
@@ -166,15 +183,15 @@ def _require_root(cfg: Pairs, want_dir: bool) -> Path:
     return root
 
 
-def _omniconsistency(cfg: Pairs) -> list[_Candidate | _Reject]:
+def _omniconsistency(cfg: Pairs) -> list[_Candidate | Reject]:
     root = _require_root(cfg, want_dir=True)
     style_dirs = [d for d in sorted(root.iterdir()) if (d / "src").is_dir() or (d / "tar").is_dir()]
     if not style_dirs:
         raise PairsError(f"{root}: no <style>/src and <style>/tar folders (OmniConsistency layout)")
-    found: list[_Candidate | _Reject] = []
+    found: list[_Candidate | Reject] = []
     for d in style_dirs:
         srcs, tars = _images_by_stem(d / "src"), _images_by_stem(d / "tar")
-        style = _slug(d.name).lower()
+        style = key_slug(d.name).lower()
         for stem in sorted(set(srcs) | set(tars)):
             src, tar = srcs.get(stem, d / "src" / f"{stem}.png"), tars.get(stem, d / "tar" / f"{stem}.png")
             cap = functools.partial(_read_caption_file, d / "caption" / f"{stem}.txt", style)
@@ -184,31 +201,31 @@ def _omniconsistency(cfg: Pairs) -> list[_Candidate | _Reject]:
     return found
 
 
-def _pickstyle_v1_captions(path: Path) -> dict[str, Any] | _Reject:
+def _pickstyle_v1_captions(path: Path) -> dict[str, Any] | Reject:
     """``caption.json`` as a mapping, or why every caption lookup fails."""
     if not path.is_file():
-        return _Reject(path, "missing caption", "caption.json not found")
+        return Reject(path, "missing caption", "caption.json not found")
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
-        return _Reject(path, "caption is not UTF-8", f"caption.json: invalid byte at {err.start}")
+        return Reject(path, "caption is not UTF-8", f"caption.json: invalid byte at {err.start}")
     except json.JSONDecodeError as err:
-        return _Reject(path, "unreadable caption", f"caption.json: invalid JSON ({err})")
+        return Reject(path, "unreadable caption", f"caption.json: invalid JSON ({err})")
     if not isinstance(data, dict):
-        return _Reject(path, "unreadable caption", "caption.json must map file names to captions")
+        return Reject(path, "unreadable caption", "caption.json must map file names to captions")
     return data
 
 
-def _pickstyle_v1_caption(captions: dict[str, Any] | _Reject, src: Path, folder: str, style: str) -> str:
-    if isinstance(captions, _Reject):
-        raise _Reject(captions.file, captions.reason, captions.detail, style=style)
+def _pickstyle_v1_caption(captions: dict[str, Any] | Reject, src: Path, folder: str, style: str) -> str:
+    if isinstance(captions, Reject):
+        raise Reject(captions.file, captions.reason, captions.detail, style=style)
     value = next((captions[k] for k in (src.name, src.stem) if k in captions), None)
     if isinstance(value, dict):  # per-style captions: {"anime": "...", "clay": "..."}
         value = value.get(folder, value.get(style))
     return _inline_caption(value, str(src), style)
 
 
-def _pickstyle_v1(cfg: Pairs) -> list[_Candidate | _Reject]:
+def _pickstyle_v1(cfg: Pairs) -> list[_Candidate | Reject]:
     root = _require_root(cfg, want_dir=True)
     if not (root / "unity").is_dir():
         raise PairsError(f"{root}: no unity/ folder of source images (PickStyle-Dataset v1 layout)")
@@ -219,10 +236,10 @@ def _pickstyle_v1(cfg: Pairs) -> list[_Candidate | _Reject]:
     if not style_dirs:
         raise PairsError(f"{root}: no <style>/ folders of images beside unity/ (PickStyle-Dataset v1 layout)")
     captions = _pickstyle_v1_captions(root / "caption.json")
-    found: list[_Candidate | _Reject] = []
+    found: list[_Candidate | Reject] = []
     for d in style_dirs:
         styled = _images_by_stem(d)
-        style = _slug(d.name).lower()
+        style = key_slug(d.name).lower()
         for stem in sorted(set(srcs) | set(styled)):
             src, tar = srcs.get(stem, root / "unity" / f"{stem}.png"), styled.get(stem, d / f"{stem}.png")
             cap = functools.partial(_pickstyle_v1_caption, captions, src, d.name, style)
@@ -232,7 +249,7 @@ def _pickstyle_v1(cfg: Pairs) -> list[_Candidate | _Reject]:
     return found
 
 
-def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Reject]]:
+def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
     """(line number, row or why the row is unreadable) of a CSV or JSONL manifest."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -254,39 +271,39 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _Reject]]
         try:
             row = json.loads(line) if line.strip() else None
         except json.JSONDecodeError as err:
-            row = _Reject(f"{path}:{n}", "unreadable manifest row", f"invalid JSON ({err.msg})")
+            row = Reject(f"{path}:{n}", "unreadable manifest row", f"invalid JSON ({err.msg})")
         if row is not None:
             yield (
                 n,
-                row if isinstance(row, dict | _Reject) else _Reject(f"{path}:{n}", "unreadable manifest row"),
+                row if isinstance(row, dict | Reject) else Reject(f"{path}:{n}", "unreadable manifest row"),
             )
 
 
-def _manifest(cfg: Pairs) -> list[_Candidate | _Reject]:
+def _manifest(cfg: Pairs) -> list[_Candidate | Reject]:
     path = _require_root(cfg, want_dir=False)
     base = path.parent
-    found: list[_Candidate | _Reject] = []
+    found: list[_Candidate | Reject] = []
     for n, row in _manifest_rows(path):
-        if isinstance(row, _Reject):
+        if isinstance(row, Reject):
             found.append(row)
         elif not row.get("src") or not row.get("style"):
-            found.append(_Reject(f"{path}:{n}", "missing partner", "the row needs both src and style"))
+            found.append(Reject(f"{path}:{n}", "missing partner", "the row needs both src and style"))
         else:
             src, tar = base / str(row["src"]), base / str(row["style"])  # an absolute path stays absolute
             name = str(row.get("style_name") or "").strip() or _style_display_name(tar.parent.name)
-            style = _slug(name).lower()
+            style = key_slug(name).lower()
             cap = functools.partial(_inline_caption, row.get("caption"), f"{path}:{n}", style)
             found.append(_Candidate(cfg.source, base, style, name, Path(str(row["src"])).stem, src, tar, cap))
     return found
 
 
-def _raise(rej: _Reject) -> _Pair:
+def _raise(rej: Reject) -> _Pair:
     raise rej
 
 
 def _import_jobs(cfg: Pairs) -> list[Job]:
     importer = {"omniconsistency": _omniconsistency, "pickstyle_v1": _pickstyle_v1, "manifest": _manifest}
     return [
-        functools.partial(_raise, c) if isinstance(c, _Reject) else functools.partial(_load_candidate, cfg, c)
+        functools.partial(_raise, c) if isinstance(c, Reject) else functools.partial(_load_candidate, cfg, c)
         for c in importer[cfg.source](cfg)
     ]

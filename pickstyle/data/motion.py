@@ -27,6 +27,7 @@ resize), which is both sharper than resampling an already-resized frame and much
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import albumentations as A
@@ -393,3 +394,9 @@ def render_pair(
     """
     src, style, mats = prepare_pair(src, style, spec, frames, height, width)
     return warp_frames(src, mats, (height, width)), warp_frames(style, mats, (height, width))
+
+
+def job_seed(seed: int, *parts: str | int) -> int:
+    """Independent seed per (params seed, parts): a clip or scene never depends on how many others exist."""
+    words = [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])

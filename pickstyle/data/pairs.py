@@ -20,195 +20,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pickstyle.config import Params
+from pickstyle.data.images import MIN_SIDE, Reject, decode_png, encode_png, load_builtin_photos
+from pickstyle.data.importers import Job, PairsError, _import_jobs, _Pair, _styled_caption
 from pickstyle.data.shards import ShardError, ShardSink, iter_samples, list_shards, remove_shards
 from pickstyle.data.styles import STYLES, apply_style, style_caption_name
-from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, write_json
 from pickstyle.progress import progress
 
 PREFIX = "pairs"
-#: Smallest accepted image side: the styles' windows and the later video crops need a few pixels to work on.
-MIN_SIDE = 16
-#: zlib level of every PNG: fixed, with no metadata chunks, so encoding is byte-deterministic.
-PNG_COMPRESS_LEVEL = 6
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class PairsError(PickstyleError):
-    """The pairs stage cannot produce any pair (bad config, unreadable layout, or every pair rejected)."""
-
-
-@dataclass(frozen=True)
-class Photo:
-    """A built-in photo: scikit-image loader name and a one-line description for the caption."""
-
-    id: str
-    loader: str
-    description: str
-
-
-#: Real photos whose files ship inside the scikit-image wheel (they load offline, no pooch download).
-BUILTIN_PHOTOS: tuple[Photo, ...] = (
-    Photo(
-        "astronaut",
-        "astronaut",
-        "A smiling astronaut in an orange spacesuit in front of a flag and a model shuttle.",
-    ),
-    Photo("coffee", "coffee", "A cup of espresso with crema on a red saucer on a wooden table."),
-    Photo("chelsea", "chelsea", "A close-up of a tabby cat's face with green eyes and white whiskers."),
-    Photo("rocket", "rocket", "A rocket on its launch pad between two towers under a deep blue evening sky."),
-    Photo("motorcycle", "stereo_motorcycle", "A red motorcycle parked in a cluttered garage full of boxes."),
-    Photo(
-        "hubble", "hubble_deep_field", "Countless distant galaxies scattered across the black of deep space."
-    ),
-    Photo("camera", "camera", "A man in a dark coat filming with a camera on a tripod in a grassy field."),
-    Photo("coins", "coins", "Rows of old silver coins laid out on a dark cloth."),
-)
-
-
-# ----------------------------------------------------------------------------------------------- rejections
-
-
-class _Reject(Exception):
-    """One pair is invalid; ``reason`` is a short fixed phrase (grouped in the summary), ``detail`` the rest."""
-
-    def __init__(self, file: str | Path, reason: str, detail: str | None = None, style: str | None = None):
-        super().__init__(reason)
-        self.file, self.reason, self.detail, self.style = str(file), reason, detail, style
-
-    def record(self) -> dict[str, Any]:
-        reason = f"{self.reason}: {self.detail}" if self.detail else self.reason
-        return {"file": self.file, "reason": reason, "style": self.style}
-
-
-# ----------------------------------------------------------------------------------------------- images
-
-
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    """Any Pillow image -> ``uint8 [h, w, 3]`` RGB: alpha on white, 16-bit scaled to 8 bit, grey/palette to RGB."""
-    mode = img.mode
-    if mode.startswith("I") or mode == "F":
-        a = np.asarray(img).astype(np.float64)
-        # 16-bit (and 32-bit integer holding 16-bit data) -> 8 bit by /257 (65535 -> 255); float assumed 0..1 or 0..255.
-        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
-            a = a / 257.0
-        elif mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        grey = np.clip(np.round(a), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Fully decode an image file to ``uint8 [h, w, 3]`` RGB (EXIF orientation applied).
-
-    Raises:
-        _Reject: missing, not an image, truncated/corrupt, or smaller than :data:`MIN_SIDE`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise _Reject(path, "missing file")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode everything now: truncation shows up here, not later in a worker
-            rgb = _to_rgb8(ImageOps.exif_transpose(img))
-    except UnidentifiedImageError:
-        raise _Reject(path, "not an image", "Pillow cannot identify the format") from None
-    except Image.DecompressionBombError as err:
-        raise _Reject(path, "image too large", str(err)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as err:
-        raise _Reject(path, "unreadable or truncated image", f"{type(err).__name__}: {err}") from None
-    h, w = rgb.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise _Reject(path, "image too small", f"{w}x{h}, need >= {MIN_SIDE} px per side")
-    return np.ascontiguousarray(rgb)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(
-        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
-    )
-    return buf.getvalue()
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB")).copy()
-
-
-# ----------------------------------------------------------------------------------------------- pairs
-
-
-@dataclass
-class _Pair:
-    """A validated pair, before encoding."""
-
-    key: str
-    style: str  # style id (``anime``, ``3d_chibi``)
-    style_name: str  # as written in captions (``Anime``, ``3D Chibi``)
-    caption: str
-    source_id: str
-    src: np.ndarray  # [h, w, 3] uint8
-    style_img: np.ndarray  # [h, w, 3] uint8, same size as src
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _styled_caption(style_name: str, text: str) -> str:
-    """Paper format ``"<style> style. <description>"``; a caption that already names its style is kept."""
-    text = " ".join(text.split())
-    if text.lower().startswith(f"{style_name.lower()} style"):
-        return text
-    return f"{style_name} style. {text}"
-
-
-Job = Callable[[], _Pair]
 
 
 # ----------------------------------------------------------------------------------------------- built-in
-
-
-def _load_photos() -> tuple[list[tuple[Photo, np.ndarray]], list[dict[str, Any]]]:
-    """The built-in photos that load offline as RGB; failures are reported, not fatal."""
-    import skimage.data
-
-    photos, failed = [], []
-    for photo in BUILTIN_PHOTOS:
-        try:
-            img = getattr(skimage.data, photo.loader)()
-            if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
-                img = img[0]
-        except Exception as err:  # a dataset that needs a download (pooch) or is missing from the wheel
-            failed.append(
-                {"file": f"skimage.data.{photo.loader}", "reason": f"photo unavailable: {err}", "style": None}
-            )
-            continue
-        img = np.asarray(img)
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        photos.append((photo, np.ascontiguousarray(img[..., :3].astype(np.uint8))))
-    return photos, failed
 
 
 def _sample_seed(seed: int, style: str, index: int) -> int:
@@ -225,7 +59,7 @@ def _builtin_jobs(params: Params) -> tuple[list[Job], list[dict[str, Any]]]:
         )
     if cfg.size < MIN_SIDE:
         raise PairsError(f"pairs.size must be >= {MIN_SIDE}, got {cfg.size}")
-    photos, failed = _load_photos()
+    photos, failed = load_builtin_photos()
     if not photos:
         raise PairsError("no built-in photo could be loaded from scikit-image's data folder")
     # Random crop (25-100 % of the area, 3:4..4:3), scaled to size x size, mirrored half the time.
@@ -321,8 +155,6 @@ def build_pairs(params: Params) -> dict[str, Any]:
     if cfg.source == "builtin":
         jobs, failed = _builtin_jobs(params)
     else:
-        from pickstyle.data.importers import _import_jobs  # lazy: importers imports this module
-
         jobs = _import_jobs(cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +170,7 @@ def build_pairs(params: Params) -> dict[str, Any]:
         for job in progress(jobs, desc="pairs", unit="pair"):
             try:
                 pair = job()
-            except _Reject as rej:
+            except Reject as rej:
                 rejected.append(rej.record())
                 continue
             # Keys must be unique ("a.b.png" and "a_b.png" slug alike): number the later ones.
@@ -404,7 +236,11 @@ def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
                 raise ShardError(f"{url}: sample {key}: {part} does not match its sha256 (corrupt shard)")
         yield {
             "key": key,
-            "src": _decode_png(sample["src.png"]),
-            "style": _decode_png(sample["style.png"]),
+            "src": decode_png(
+                sample["src.png"], f"{sample.get('__url__')}: sample {sample['__key__']} src.png"
+            ),
+            "style": decode_png(
+                sample["style.png"], f"{sample.get('__url__')}: sample {sample['__key__']} style.png"
+            ),
             "meta": meta,
         }

@@ -1,6 +1,6 @@
 """Held-out procedural test scenes for the ``clips`` stage: a scene spec, and the scene rendered from it.
 
-A scene is drawn from the built-in photos (:data:`pickstyle.data.pairs.BUILTIN_PHOTOS`): a background with
+A scene is drawn from the built-in photos (:data:`pickstyle.data.images.BUILTIN_PHOTOS`): a background with
 parallax, a ground layer moving with the camera pan, and ``clips.test_objects`` cut-out objects that translate,
 rotate and scale independently. :func:`draw_scene` gives the JSON-able spec (seeded from ``params.seed`` and the
 scene index), :func:`render_scene` the frames; the stage (:mod:`pickstyle.data.clips`) applies the built-in style
@@ -16,29 +16,23 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pickstyle.data.clips import ClipsError, job_seed
+from pickstyle.data.images import load_builtin_photos
+from pickstyle.data.motion import job_seed
 from pickstyle.data.video import resize_cover_crop
+from pickstyle.errors import PickstyleError
+
+
+class ScenesError(PickstyleError):
+    """No test scene can be drawn (no built-in photo loads)."""
 
 
 @functools.cache
 def _photos() -> tuple[tuple[str, str, np.ndarray], ...]:
-    """The built-in photos (id, description, RGB) listed by the pairs stage, loaded offline from scikit-image."""
-    import skimage.data
-
-    from pickstyle.data.pairs import BUILTIN_PHOTOS
-
-    out = []
-    for photo in BUILTIN_PHOTOS:
-        try:
-            img = getattr(skimage.data, photo.loader)()
-        except Exception:  # a photo that would need a download: skip it
-            continue
-        img = np.asarray(img[0] if isinstance(img, tuple) else img)
-        img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
-        out.append((photo.id, photo.description, np.ascontiguousarray(img.astype(np.uint8))))
+    """The built-in photos (id, description, RGB) of :mod:`pickstyle.data.images`, loaded offline."""
+    out = tuple((photo.id, photo.description, img) for photo, img in load_builtin_photos()[0])
     if not out:
-        raise ClipsError("no built-in photo could be loaded from scikit-image for the test clips")
-    return tuple(out)
+        raise ScenesError("no built-in photo could be loaded from scikit-image for the test clips")
+    return out
 
 
 def _affine(center: np.ndarray, angle: float, scale: float, pivot: np.ndarray) -> np.ndarray:
