@@ -8,24 +8,19 @@ see the same filesystem, since each chunk writes its own shard).
 
 from __future__ import annotations
 
-import base64
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import stage_params, summary_artifact
+from flows.common import gif_artifact, stage_params, summary_artifact
 from pickstyle.config import Clips, Params
 from pickstyle.data.clips import build_clips
 from pickstyle.progress import progress
-
-#: Largest preview embedded in the artifact (the Prefect UI renders it inline as a data URI).
-MAX_INLINE_PREVIEW = 2_000_000
 
 
 def make_task_runner(cfg: Clips):
@@ -65,25 +60,17 @@ def prefect_map(cfg: Clips) -> Callable[[Callable[[dict], dict], list[dict]], li
     return map_fn
 
 
-def preview_artifact(preview: Path) -> None:
-    """The preview GIF as a markdown artifact (inline when small enough, else its path)."""
-    if not preview.is_file():
-        return
-    data = preview.read_bytes()
-    if len(data) <= MAX_INLINE_PREVIEW:
-        body = f"![clips preview](data:image/gif;base64,{base64.b64encode(data).decode()})"
-    else:
-        body = f"Preview: `{preview.resolve()}` ({len(data) / 1e6:.1f} MB, too large to inline)"
-    md = f"# Clips preview\n\nEach row: source | style clip (same camera motion).\n\n{body}\n"
-    create_markdown_artifact(key="clips-preview", markdown=md, description="source | style clip pairs")
-
-
 @flow(name="clips", log_prints=True)
 def clips_flow(params: Params) -> dict:
     summary = build_clips(params, map_fn=prefect_map(params.clips))
     summary_artifact("clips-summary", "Camera-motion clips and test clips", summary)
     if summary.get("preview"):
-        preview_artifact(Path(summary["out_dir"]) / summary["preview"])
+        gif_artifact(
+            "clips-preview",
+            "Clips preview",
+            "Each row: source | style clip (same camera motion).",
+            Path(summary["out_dir"]) / summary["preview"],
+        )
     return summary
 
 

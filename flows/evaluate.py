@@ -6,7 +6,6 @@ preview (source | no adapter | cfg | cs_cfg | ground truth), inline when small e
 
 from __future__ import annotations
 
-import base64
 import sys
 from pathlib import Path
 
@@ -14,12 +13,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import stage_params
+from flows.common import gif_artifact, stage_params
 from pickstyle.config import Params
 from pickstyle.evaluation import evaluate
-
-#: Largest preview embedded in the artifact (the Prefect UI renders it inline as a data URI).
-MAX_INLINE_PREVIEW = 2_000_000
 
 
 def metrics_table(metrics: dict[str, float]) -> list[dict[str, object]]:
@@ -95,18 +91,12 @@ def publish(summary: dict) -> None:
         table=metrics_table(summary["metrics"]),
         description="mean metrics per variant",
     )
-    preview = Path(summary["eval_dir"]) / "preview.gif"
-    if preview.is_file():
-        data = preview.read_bytes()
-        if len(data) <= MAX_INLINE_PREVIEW:
-            body = f"![evaluation preview](data:image/gif;base64,{base64.b64encode(data).decode()})"
-        else:
-            body = f"Preview: `{preview.resolve()}` ({len(data) / 1e6:.1f} MB, too large to inline)"
-        md = (
-            "# Evaluation preview\n\nColumns: source | no adapter | cfg | cs_cfg | ground truth.\n\n"
-            f"{body}\n\nFile: `{preview.resolve()}`\n"
-        )
-        create_markdown_artifact(key="evaluate-preview", markdown=md, description="side-by-side preview")
+    gif_artifact(
+        "evaluate-preview",
+        "Evaluation preview",
+        "Columns: source | no adapter | cfg | cs_cfg | ground truth.",
+        Path(summary["eval_dir"]) / "preview.gif",
+    )
 
 
 @flow(name="evaluate", log_prints=True)

@@ -14,22 +14,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pickstyle.config import ParamsError, Sample, error_lines, load_params
+from pickstyle.config import ParamsError, Sample, error_lines, load_params, parse_overrides
 from pickstyle.errors import PickstyleError
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ParamsError(f"-S {item!r}: expected key=value (e.g. -S train.steps=50)")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def _params(args: argparse.Namespace):
-    return load_params(args.params, _parse_overrides(args.set))
+    return load_params(args.params, parse_overrides(args.set))
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:

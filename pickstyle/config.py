@@ -582,3 +582,14 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         if not isinstance(data, dict):
             raise ParamsError(f"{path}: top level must be a mapping")
     return parse_params(data, str(path), overrides)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``-S key=value`` strings -> ``{key: YAML value}`` (``-S train.steps=50``, ``-S pairs.styles=[anime]``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ParamsError(f"-S {item!r}: expected key=value (e.g. -S train.steps=50)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out

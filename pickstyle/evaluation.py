@@ -40,7 +40,6 @@ OCCLUSION_BETA = 0.5
 #: PSNR of two identical videos (MSE 0) is reported as this instead of +inf, so metrics.json stays valid JSON.
 PSNR_MAX_DB = 100.0
 #: Reference rows written next to the variants: the source's and the ground truth's own warp error.
-REFERENCE_ROWS = ("source", "ground_truth")
 #: Row order of tables and charts: references first, then the variants from weakest to strongest.
 _ORDER = ("source", "ground_truth", "vae", "reconstruct", "identity", "base", "cfg", "cfg_joint", "cs_cfg")
 #: Variants that reproduce the *source* (backbone checks), scored by PSNR to it rather than by style metrics.

@@ -13,8 +13,8 @@ from PIL import Image
 
 from pickstyle.config import Params, parse_params
 from pickstyle.data.clips import ClipsError, build_clips, iter_clips
-from pickstyle.data.motion import render_pair
 from pickstyle.data.images import encode_png
+from pickstyle.data.motion import render_pair
 from pickstyle.data.shards import ShardError, write_shards
 from pickstyle.data.styles import apply_style
 from pickstyle.data.video import encode_video
