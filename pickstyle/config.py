@@ -173,10 +173,11 @@ def _default_profiles() -> dict[str, Profile]:
             lora_alpha=32.0,
             train_steps=600,
             gradient_checkpointing=False,
-            # the tiny backbone over-saturates at the paper's t_g = 5, c_g = 4 (README: what the demo shows)
+            # the tiny backbone over-saturates at the paper's t_g = 5, c_g = 4 (README: what the demo shows);
+            # c_g = t_g - 1 would make CS-CFG equal joint CFG exactly, so c_g sits between CFG (0) and that (1)
             eval_steps=8,
             eval_t_guide=2.0,
-            eval_c_guide=1.0,
+            eval_c_guide=0.5,
             clip_variants=2,
             flip_prob=0.5,
             chroma="420",

@@ -110,7 +110,7 @@ def test_profile_defaults() -> None:
     assert (tiny.evaluate.sample.steps, tiny.evaluate.sample.t_guide, tiny.evaluate.sample.c_guide) == (
         8,
         2.0,
-        1.0,
+        0.5,
     )
     for name in ("wan-1.3b", "wan-14b"):
         real = load_params(ROOT / "params.yaml", {"profile": name})
