@@ -10,7 +10,9 @@ Only the LoRA matrices on the VACE context blocks' self-attention q/k/v train; t
 Data comes from the ``latents`` stage's WebDataset shards (``mode: cached``) or, for comparison with the reference,
 from the clip shards encoded by the VAE and text encoder every step (``mode: on_the_fly``). The sample order is a
 pure function of ``params.seed``, the epoch and the process rank, so a checkpoint only needs the number of samples
-each process has consumed. Multi-GPU runs go through ``accelerate launch`` (DDP; ``configs/accelerate/``).
+each process has consumed. Multi-GPU runs go through ``accelerate launch`` (``configs/accelerate/``): DDP, or
+FSDP2 when a bf16 replica does not fit (14B): only rank 0 reads the weights, and checkpoints and the final adapter
+gather the LoRA tensors alone (never the backbone), each rank saving its own optimizer shard.
 
 Checkpoints (``<models>/.checkpoints/adapter/step-N/``) hold the LoRA weights, optimizer, lr scheduler, every
 process's RNG states and data position. They live outside the stage's DVC output (``dvc repro`` deletes
