@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 PIP := $(BIN)/pip --disable-pip-version-check --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock demo test test-fast lint format ui bench clean
+.PHONY: help install lock demo test test-fast lint format ui bench bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ bench: $(STAMP) ## run the benchmarks (render and sample rewrite their bench/RES
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/sample.py
+
+bench-gpu: $(STAMP) ## the GPU check on one H100/H200 (~5 min; writes the gpu section of bench/RESULTS.md)
+	$(BIN)/python bench/gpu.py
 
 # The columns of `make exps`: a regex over `dvc exp show` column names (`make exps EXP_COLUMNS='...'` for others).
 EXP_COLUMNS ?= ^(Experiment|Created|pairs\.styles|train\.steps|train\.lr|base/style_psnr|cs_cfg/style_psnr|cs_cfg/style_psnr_se|cs_cfg/warp_error|reconstruct/source_psnr)$$

@@ -265,7 +265,7 @@ def stylize_file(
         ``output`` as a Path.
     """
     from pickstyle.files import resolve_device
-    from pickstyle.model.components import ensure_backbone, load_pipeline
+    from pickstyle.model.components import ensure_backbone, load_pipeline, offload_text_encoder
     from pickstyle.model.pipeline import PickStylePipeline
 
     input, output = Path(input), Path(output)
@@ -310,6 +310,8 @@ def stylize_file(
         dtype=params.model.dtype,
         pipeline_cls=PickStylePipeline,
     )
+    # Every window encodes the same prompts: encode them once; on CUDA UMT5 then waits on the CPU.
+    offload_text_encoder(pipe)
     base = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
     if height % base or width % base:
         raise StylizeError(f"profile size {height}x{width}: this backbone needs multiples of {base}")

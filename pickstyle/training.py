@@ -10,7 +10,9 @@ Only the LoRA matrices on the VACE context blocks' self-attention q/k/v train; t
 Data comes from the ``latents`` stage's WebDataset shards (``mode: cached``) or, for comparison with the reference,
 from the clip shards encoded by the VAE and text encoder every step (``mode: on_the_fly``). The sample order is a
 pure function of ``params.seed``, the epoch and the process rank, so a checkpoint only needs the number of samples
-each process has consumed. Multi-GPU runs go through ``accelerate launch`` (DDP; ``configs/accelerate/``).
+each process has consumed. Multi-GPU runs go through ``accelerate launch`` (``configs/accelerate/``): DDP, or
+FSDP2 when a bf16 replica does not fit (14B): only rank 0 reads the weights, and checkpoints and the final adapter
+gather the LoRA tensors alone (never the backbone), each rank saving its own optimizer shard.
 
 Checkpoints (``<models>/.checkpoints/adapter/step-N/``) hold the LoRA weights, optimizer, lr scheduler, every
 process's RNG states and data position. They live outside the stage's DVC output (``dvc repro`` deletes
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -413,16 +416,70 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def _lora_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) tensors by parameter name, fp32, on CPU; gathered from every shard under FSDP."""
-    from accelerate.utils import DistributedType
+    """The trainable (LoRA) tensors by parameter name, whole, fp32, as CPU copies; the same on every process.
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        full = accelerator.get_state_dict(model)
-        return {k: v.detach().float().cpu().contiguous() for k, v in full.items() if "lora_" in k}
-    unwrapped = accelerator.unwrap_model(model)
-    return {
-        n: p.detach().float().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad
+    Under FSDP2 each parameter is a DTensor holding this rank's shard: only the trainable ones are gathered
+    (``full_tensor()``, a collective every rank joins, in the same order), never the frozen backbone: ~70 MB for the
+    14B's LoRA instead of its ~34 GB state dict (``accelerator.get_state_dict`` would gather the whole model).
+    """
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        value = param.detach()
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        state[name] = value.to("cpu", torch.float32, copy=True).contiguous()
+    return state
+
+
+def _local_optimizer_state(optimizer) -> dict[str, Any]:
+    """This process's optimizer state with every sharded (DTensor) value replaced by its local shard.
+
+    Under FSDP2 Adam's moments are DTensors like their parameters: each rank saves only its own shard, as plain
+    tensors that ``torch.load(weights_only=True)`` reads back; :func:`_sharded_optimizer_state` undoes it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    state = {
+        i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in per_param.items()}
+        for i, per_param in sd["state"].items()
     }
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _sharded_optimizer_state(optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_local_optimizer_state` for this optimizer's (possibly sharded) parameters.
+
+    A saved value shaped like its parameter's local shard becomes a DTensor on that parameter's mesh and
+    placements again (Adam's scalar ``step`` stays a plain tensor); without sharded parameters nothing changes.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, per_param in saved["state"].items():
+        param = params[int(i)]
+        if isinstance(param, DTensor):
+            local = param.to_local()
+            per_param = {
+                k: DTensor.from_local(
+                    v.to(local.device),
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape == local.shape
+                else v
+                for k, v in per_param.items()
+            }
+        state[i] = per_param
+    return {"state": state, "param_groups": saved["param_groups"]}
 
 
 def _save_checkpoint(
@@ -453,8 +510,8 @@ def _save_checkpoint(
     rank = accelerator.process_index
     torch.save({"rng": _rng_state(generator), "position": dict(position)}, tmp / f"rank-{rank}.pt")
     sharded = accelerator.distributed_type == DistributedType.FSDP
-    if sharded:  # each rank holds its own optimizer shard
-        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank-{rank}.pt")
+    if sharded:  # each rank holds its own optimizer shard; the frozen backbone is never saved
+        torch.save(_local_optimizer_state(optimizer), tmp / f"optimizer-rank-{rank}.pt")
     if main:
         save_file(lora, str(tmp / "lora.safetensors"))
         if not sharded:  # DDP: the optimizer state is identical on every rank
@@ -496,8 +553,43 @@ def _lora_config(params: Params) -> dict[str, Any]:
     }
 
 
-def _build_model(params: Params, device: str, mode: str):
+def _empty_transformer(path: Path, dtype: torch.dtype):
+    """The backbone transformer's structure with its parameters on the meta device: no weight is read.
+
+    Dtypes as ``from_pretrained(dtype=...)`` gives them (its ``_keep_in_fp32_modules`` stay fp32); buffers (the
+    RoPE tables, not in the checkpoint) are real. For FSDP's RAM-efficient loading, where the main process's weights
+    are broadcast into every rank's shards.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import WanVACETransformer3DModel
+
+    with init_empty_weights():  # parameters on meta, buffers real
+        transformer = WanVACETransformer3DModel.from_config(
+            WanVACETransformer3DModel.load_config(path / "transformer")
+        )
+    keep_fp32 = transformer._keep_in_fp32_modules or []
+    for name, param in transformer.named_parameters():
+        if not any(m in name.split(".") for m in keep_fp32):
+            param.data = param.data.to(dtype)
+    return transformer
+
+
+def _parameter_or_buffer(module: torch.nn.Module, name: str) -> torch.Tensor:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)
+
+
+def _build_model(params: Params, device: str, mode: str, empty: bool = False):
     """The frozen backbone transformer with the context-style LoRA added; plus the pipeline for on-the-fly mode.
+
+    Args:
+        params: The pipeline params.
+        device: Where the model goes.
+        mode: ``cached`` (the transformer alone: neither VAE nor text encoder is loaded) or ``on_the_fly``.
+        empty: Cached mode: build the transformer on the meta device without reading its weights (FSDP with
+            ``fsdp_cpu_ram_efficient_loading`` on every process but the main one, which broadcasts them).
 
     Returns:
         ``(transformer, pipe_or_None)``. Base weights in the profile's dtype (bf16 on CUDA), LoRA params fp32.
@@ -515,6 +607,8 @@ def _build_model(params: Params, device: str, mode: str):
         transformer = pipe.transformer
         for module in (pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
+    elif empty:
+        transformer = _empty_transformer(path, dtype)
     else:
         # Cached latents need only the transformer: the text encoder (UMT5-XXL, 11 GB) stays on disk.
         transformer = WanVACETransformer3DModel.from_pretrained(path / "transformer", dtype=dtype).to(device)
@@ -650,6 +744,7 @@ def train(
             stays), an incompatible checkpoint, or data with no usable sample.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
     from safetensors.torch import load_file
 
     from pickstyle.model.components import ensure_backbone, resolve_dtype
@@ -689,7 +784,18 @@ def train(
     torch.manual_seed(params.seed + rank)
     generator = torch.Generator().manual_seed(params.seed * 1_000_003 + rank)
 
-    transformer, pipe = _build_model(params, str(device), t.mode)
+    # FSDP (version 2 only: bf16 base and fp32 LoRA in one unit) with RAM-efficient loading: only the main process
+    # reads the weights; the others build an empty model, and accelerate broadcasts the main one's into the shards.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise TrainingError("FSDP training needs fsdp_version: 2 (configs/accelerate/fsdp-14b.yaml)")
+    ram_efficient = fsdp and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
+    empty = ram_efficient and t.mode == "cached" and not main
+    transformer, pipe = _build_model(params, str(device), t.mode, empty=empty)
+    if ram_efficient:
+        # accelerate's broadcast (fsdp2_load_full_state_dict) looks tensors up with transformers'
+        # ``get_parameter_or_buffer``, which diffusers models lack.
+        transformer.get_parameter_or_buffer = functools.partial(_parameter_or_buffer, transformer)
     state: dict[str, Any] = {}
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
@@ -698,13 +804,18 @@ def train(
         named = dict(transformer.named_parameters())
         if set(saved) != {n for n, p in named.items() if p.requires_grad}:
             raise TrainingError(f"{ckpt}: its LoRA tensors do not match the adapter built from the params")
-        with torch.no_grad():
-            for name, value in saved.items():
-                named[name].copy_(value)
+        if not empty:  # an empty model receives the main process's (resumed) LoRA with the rest
+            with torch.no_grad():
+                for name, value in saved.items():
+                    named[name].copy_(value)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
+    if fsdp:
+        # accelerate swaps the optimizer's parameters for the sharded ones by data_ptr, which is 0 for every meta
+        # parameter of an empty model: point it at the sharded trainable parameters (same order, no state yet).
+        optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, t.warmup_steps))
     start_step, history, position = 0, [], None
     if ckpt is not None:
@@ -712,10 +823,11 @@ def train(
             optimizer.load_state_dict(
                 torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
             )
-        else:
-            optimizer.load_state_dict(
-                torch.load(ckpt / f"optimizer-rank-{rank}.pt", weights_only=True, map_location="cpu")
+        else:  # FSDP: this rank's shard of the optimizer state
+            saved_optim = torch.load(
+                ckpt / f"optimizer-rank-{rank}.pt", weights_only=True, map_location="cpu"
             )
+            optimizer.load_state_dict(_sharded_optimizer_state(optimizer, saved_optim))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True, map_location="cpu"))
         rank_state = torch.load(ckpt / f"rank-{rank}.pt", weights_only=True, map_location="cpu")
         _set_rng_state(rank_state["rng"], generator)
@@ -846,9 +958,11 @@ def train(
         "adapter_dir": str(out),
         "mlflow_run_id": run_id,
     }
+    # Gathered on every process (a collective under FSDP), written by the main one: whole tensors, never shards.
+    lora = _lora_state(accelerator, model)
     if main:
         try:
-            _write_final(accelerator.unwrap_model(model), out, history, summary, run_id)
+            _write_final(accelerator.unwrap_model(model), lora, out, history, summary, run_id)
         except BaseException:
             # Never leave the MLflow run RUNNING (and active in this process) when the final write fails.
             if run_id is not None:
@@ -925,9 +1039,17 @@ def _start_mlflow(params: Params, run_id: str | None) -> str:
 
 
 def _write_final(
-    transformer, out: Path, history: list[dict], summary: dict[str, Any], run_id: str | None
+    transformer,
+    lora: dict[str, torch.Tensor],
+    out: Path,
+    history: list[dict],
+    summary: dict[str, Any],
+    run_id: str | None,
 ) -> None:
     """Write the adapter (diffusers LoRA + metadata), loss curve and summary into ``out``; log them to MLflow.
+
+    ``lora`` is :func:`_lora_state` (whole tensors even under FSDP, where ``transformer`` holds only shards);
+    ``transformer`` supplies the peft config.
 
     ``save_adapter`` replaces the folder it writes as a whole, so it writes a staging folder whose files then
     replace ``out``'s one by one: ``out/checkpoints`` stays; ``train_summary.json`` goes last (the run is
@@ -943,7 +1065,7 @@ def _write_final(
         "mode": summary["mode"],
         "mlflow_run_id": run_id,
     }
-    save_adapter(transformer, staging, extra_metadata=extra)
+    save_adapter(transformer, staging, extra_metadata=extra, state_dict=lora)
     _write_loss_outputs(history, staging)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_summary.json").unlink(missing_ok=True)

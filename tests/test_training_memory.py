@@ -134,3 +134,20 @@ def test_profile_defaults() -> None:
     )
     # the same holds without a params.yaml (code defaults)
     assert load_params(ROOT / "no-such-params.yaml", {"profile": "wan-14b"}).train.steps == 3000
+
+
+def test_cached_training_loads_neither_vae_nor_text_encoder(
+    data_root: Path, tiny_backbone: Path, monkeypatch
+) -> None:
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cached training loaded the VAE or the text encoder")
+
+    for cls in (AutoencoderKLWan, UMT5EncoderModel):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+        monkeypatch.setattr(cls, "__init__", refuse)
+    with _threads(1):
+        summary = tr.train(_params(data_root, _models(data_root, tiny_backbone, "m"), steps=1))
+    assert summary["mode"] == "cached" and summary["steps"] == 1

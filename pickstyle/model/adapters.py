@@ -111,6 +111,7 @@ def save_adapter(
     out_dir: str | Path,
     extra_metadata: dict[str, Any] | None = None,
     adapter_name: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save the adapter in diffusers' LoRA format with its peft config as metadata (atomically).
 
@@ -123,6 +124,8 @@ def save_adapter(
         out_dir: Folder to write (replaced as a whole).
         extra_metadata: JSON-serialisable provenance (steps, params hash, ...) for ``pickstyle_adapter.json``.
         adapter_name: Which adapter, when the transformer holds several.
+        state_dict: The transformer's LoRA tensors by parameter name (``...lora_A.<adapter>.weight``) to write
+            instead of its own parameters: the gathered whole tensors when the live ones are FSDP shards.
 
     Returns:
         ``out_dir``.
@@ -132,7 +135,7 @@ def save_adapter(
     transformer = _transformer_of(pipeline_or_transformer)
     name = _single_adapter(transformer, adapter_name)
     config = transformer.peft_config[name]
-    state = get_peft_model_state_dict(transformer, adapter_name=name)
+    state = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=name)
     # Contiguous CPU copies: safetensors refuses views, and the caller may keep training the live tensors.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     return _write_adapter(out_dir, state, config, extra_metadata)

@@ -413,8 +413,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return getattr(torch, dtype)
 
 
+class TransformerSpec:
+    """The transformer as the pipeline's preprocessing sees it, without its weights: the config of
+    ``transformer/config.json`` and the dtype it would be loaded in.
+
+    Stands in for ``pipe.transformer`` where only the VAE and the text encoder run (the ``latents`` stage; 28 GB of
+    bf16 weights on 14B not read): ``preprocess_conditions`` and ``prepare_masks`` read ``config.patch_size``,
+    :func:`pickstyle.latents.encode_clip` also ``dtype``.
+    """
+
+    def __init__(self, config: dict[str, Any], dtype: torch.dtype) -> None:
+        from diffusers.configuration_utils import FrozenDict
+
+        self.config = FrozenDict(config)
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"TransformerSpec({self.config.get('_class_name')}, {self.dtype}, no weights)"
+
+
 def load_pipeline(
-    path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, pipeline_cls=None
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    pipeline_cls=None,
+    transformer: bool = True,
 ):
     """Load a diffusers-format Wan2.1-VACE folder (tiny or real) onto ``device``.
 
@@ -425,6 +448,8 @@ def load_pipeline(
         device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
         dtype: ``None``/``"auto"`` = bf16 on CUDA, fp32 on CPU; or a torch dtype / its name.
         pipeline_cls: Pipeline class to instantiate (default ``WanVACEPipeline``; the sampler passes its subclass).
+        transformer: ``False``: do not load the transformer; ``pipe.transformer`` is a :class:`TransformerSpec`
+            (its config and dtype), enough to encode clips and prompts, not to denoise.
     """
     from diffusers import AutoencoderKLWan, WanVACEPipeline
 
@@ -438,7 +463,53 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, device)
     cls = pipeline_cls or WanVACEPipeline
     vae = AutoencoderKLWan.from_pretrained(path / "vae", dtype=torch.float32)
-    pipe = cls.from_pretrained(path, vae=vae, dtype=torch_dtype)
+    skip = {} if transformer else {"transformer": None}
+    pipe = cls.from_pretrained(path, vae=vae, dtype=torch_dtype, **skip)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if not transformer:
+        # Into __dict__, not through the pipeline's setattr: its config keeps saying that no transformer is loaded.
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        pipe.__dict__["transformer"] = TransformerSpec(config, torch_dtype)
+    return pipe
+
+
+def offload_text_encoder(pipe, offload: bool | None = None):
+    """Encode each prompt once and keep the text encoder off the accelerator in between.
+
+    Wraps ``pipe.encode_prompt``: results are kept per arguments (stylize encodes the same prompt and negative
+    prompt for every window), and with ``offload`` the text encoder goes to the CPU after each encoding and back
+    to the execution device for a new one. On CUDA this frees UMT5-XXL's ~11 GB (bf16) for the transformer's
+    activations once the prompts are encoded; the pipeline still computes on CUDA (``pipe.device`` prefers a
+    non-CPU component). Given embeddings bypass the cache.
+
+    Args:
+        pipe: A ``WanVACEPipeline`` (or subclass), modified in place.
+        offload: Move the text encoder to the CPU after encoding; ``None`` = when it is on CUDA (on the CPU there
+            is nothing to free).
+
+    Returns:
+        ``pipe``.
+    """
+    encode = pipe.encode_prompt
+    if offload is None:
+        offload = pipe.text_encoder.device.type == "cuda"
+    cache: dict[tuple, tuple] = {}
+
+    def encode_prompt(prompt, negative_prompt=None, *args, **kwargs):
+        given = kwargs.get("prompt_embeds") is not None or kwargs.get("negative_prompt_embeds") is not None
+        key = (repr(prompt), repr(negative_prompt), repr(args), repr(sorted(kwargs.items())))
+        if given or key not in cache:
+            device = kwargs.get("device") or pipe._execution_device
+            if offload:
+                pipe.text_encoder.to(device)
+            result = encode(prompt, negative_prompt, *args, **kwargs)
+            if offload:
+                pipe.text_encoder.to("cpu")
+            if given:
+                return result
+            cache[key] = result
+        return cache[key]
+
+    pipe.encode_prompt = encode_prompt
     return pipe

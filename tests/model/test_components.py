@@ -19,6 +19,7 @@ from pickstyle.model.components import (
     ensure_backbone,
     load_pipeline,
     missing_files,
+    offload_text_encoder,
     real_config,
     resolve_dtype,
 )
@@ -155,3 +156,45 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype(None, "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+def test_pipeline_without_transformer_and_text_encoder_offload(tiny_backbone: Path, monkeypatch) -> None:
+    from diffusers import WanVACETransformer3DModel
+
+    monkeypatch.setattr(WanVACETransformer3DModel, "from_pretrained", _refuse)
+    pipe = load_pipeline(tiny_backbone, transformer=False)
+    monkeypatch.undo()
+    config = json.loads((tiny_backbone / "transformer" / "config.json").read_text())
+    assert (
+        pipe.transformer.config.patch_size == config["patch_size"] and pipe.transformer.dtype == torch.float32
+    )
+    assert pipe.config.transformer == (None, None)  # the pipeline knows it has no transformer
+
+    # Prompts are encoded once; with offload the encoder goes to the execution device to encode, then to the CPU.
+    reference = pipe.encode_prompt("anime style. a cat", do_classifier_free_guidance=False, device="cpu")[0]
+    moves, forwards = [], []
+    encoder = pipe.text_encoder
+    monkeypatch.setattr(encoder, "to", lambda *a, **k: moves.append(str(a[0])) or encoder)
+    encoder.register_forward_hook(lambda *_: forwards.append(1))
+    offload_text_encoder(pipe, offload=True)
+    for _ in range(3):  # three windows of one video
+        embeds = pipe.encode_prompt("anime style. a cat", do_classifier_free_guidance=False, device="cpu")[0]
+        assert torch.equal(embeds, reference)
+    assert len(forwards) == 1 and moves == ["cpu", "cpu"]
+    pipe.encode_prompt("clay style. a dog", do_classifier_free_guidance=False, device="cpu")
+    assert len(forwards) == 2 and moves == ["cpu"] * 4
+    # Given embeddings pass through, uncached.
+    given = pipe.encode_prompt(
+        None, prompt_embeds=reference, do_classifier_free_guidance=False, device="cpu"
+    )[0]
+    assert torch.equal(given, reference) and len(forwards) == 2
+    # On the CPU (the default decides by the encoder's device) nothing moves.
+    other = load_pipeline(tiny_backbone, transformer=False)
+    monkeypatch.setattr(other.text_encoder, "to", lambda *a, **k: moves.append("moved"))
+    offload_text_encoder(other)
+    other.encode_prompt("anime style. a cat", do_classifier_free_guidance=False, device="cpu")
+    assert "moved" not in moves
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the transformer was loaded")
