@@ -9,7 +9,7 @@ embeddings are random tensors of UMT5's shape (512 x 4096): the text encoder is 
 
 It measures, at 81 x 480 x 832 (21 x 60 x 104 latents, 32,760 video tokens):
 
-* **training**: the step of ``pickstyle.training`` (``_micro_step``: shifted-σ flow matching, bell weights, bf16
+* **training**: the step of ``pickstyle.train`` (``_micro_step``: shifted-σ flow matching, bell weights, bf16
   autocast over a bf16 base with fp32 LoRA r = α = 128 on the VACE q/k/v; then backward, grad-clip 1.0, AdamW),
   batch 1, with gradient checkpointing, and with checkpointing + activation offload (``save_on_cpu``): s/step,
   peak GPU memory, MFU (model FLOPs of ``bench/train.py``: forward + activation backward, recomputation not
@@ -169,8 +169,8 @@ def _peak_gib(setup: Setup) -> float | None:
 
 
 def bench_training(setup: Setup, model, latents_fhw: tuple[int, int, int], offload: bool) -> dict[str, Any]:
-    """Timed steps of ``pickstyle.training._micro_step`` + backward + clip + AdamW, after one warm-up step."""
-    from pickstyle import training as tr
+    """Timed steps of ``pickstyle.train._micro_step`` + backward + clip + AdamW, after one warm-up step."""
+    from pickstyle import train as tr
     from pickstyle.config import parse_params
 
     params = parse_params({"train": {"activation_offload": offload, "gradient_checkpointing": True}})

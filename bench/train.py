@@ -1,12 +1,12 @@
 """Benchmark of the ``train`` stage. ``python bench/train.py [--steps 30] [--cuda-steps 10]``.
 
 CPU (always): the tiny profile, the same backbone, clips and number of steps, trained twice with
-``pickstyle.training.train``: from the ``latents`` stage's cached latents, and encoding VAE + text every step from
+``pickstyle.train.train``: from the ``latents`` stage's cached latents, and encoding VAE + text every step from
 the clip shards (``train.mode=on_the_fly``, what the reference does). Prints steps/s of both and the ratio.
 
 CUDA (when available): the Wan2.1-VACE-1.3B transformer config with random weights (bf16 base, fp32 LoRA r=128
 on the VACE self-attention q/k/v, gradient checkpointing) at 81 x 480 x 832 (32,760 tokens, 512 text tokens),
-the training step of ``pickstyle.training`` on random inputs: steps/s, peak memory and MFU (model FLOPs counted
+the training step of ``pickstyle.train`` on random inputs: steps/s, peak memory and MFU (model FLOPs counted
 below, against the GPU's dense bf16 peak; frozen weights need no weight gradients, so a step is forward +
 activation backward, recomputation by checkpointing not counted).
 """
@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pickstyle import training as tr  # noqa: E402
+from pickstyle import flow_matching as fm  # noqa: E402
+from pickstyle import train as tr  # noqa: E402
 from pickstyle.config import parse_params  # noqa: E402
 
 #: Dense bf16 peak FLOP/s by GPU name (no sparsity), for MFU.
@@ -160,14 +161,14 @@ def bench_cuda(steps: int, warmup: int = 2, peak_tflops: float | None = None) ->
     gen = torch.Generator().manual_seed(0)
 
     def step() -> float:
-        sigmas = tr.sample_sigmas(1, shift, gen)
+        sigmas = fm.sample_sigmas(1, shift, gen)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         weights = tr.bell_weights(sigmas, shift).to(device)
         sigmas = sigmas.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             pred = model(
-                hidden_states=tr.add_noise(latents, noise, sigmas),
-                timestep=sigmas * tr.NUM_TRAIN_TIMESTEPS,
+                hidden_states=fm.add_noise(latents, noise, sigmas),
+                timestep=sigmas * fm.NUM_TRAIN_TIMESTEPS,
                 encoder_hidden_states=prompt,
                 control_hidden_states=context,
                 control_hidden_states_scale=scale,

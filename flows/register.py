@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import stage_params
 from pickstyle.config import Params
-from pickstyle.registry import register
+from pickstyle.register import register
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -31,7 +31,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pickstyle.config import Params, load_params
-from pickstyle.registry import STYLE_ENV, artifact_root, find_versions, tracking_uri
+from pickstyle.register import find_versions
+from pickstyle.tracking import STYLE_ENV, artifact_root, tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The flow's name, and the deployment of ``prefect.yaml`` (``prefect deploy --name retrain-style``, a work pool).

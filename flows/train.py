@@ -15,7 +15,7 @@ from prefect import flow
 
 from flows.common import stage_params, summary_artifact
 from pickstyle.config import Params
-from pickstyle.training import train
+from pickstyle.train import train
 
 
 @flow(name="train", log_prints=True)

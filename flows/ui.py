@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from pickstyle.config import load_params
-from pickstyle.registry import artifact_root, tracking_uri
+from pickstyle.tracking import artifact_root, tracking_uri
 
 STATE = Path(".ui")
 

@@ -67,7 +67,7 @@ def cmd_latents(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pickstyle.training import train
+    from pickstyle.train import train
 
     _print(train(_params(args), fresh=args.fresh))
 
@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from pickstyle.registry import register
+    from pickstyle.register import register
 
     _print(register(_params(args)))
 
@@ -148,7 +148,7 @@ def cmd_stylize(args: argparse.Namespace) -> None:
     sample = sample_with(params.sample, overrides)
     adapter, backbone = args.adapter, None
     if args.model:  # the registered model gives the adapter and the backbone
-        from pickstyle.registry import load_registered
+        from pickstyle.register import load_registered
 
         info = load_registered(args.model, params=params)
         adapter, backbone = info["adapter_dir"], info["backbone_dir"]

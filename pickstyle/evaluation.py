@@ -679,13 +679,13 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> st
     """One MLflow run in ``evaluate.experiment`` with the sampling params, the metrics and ``eval/`` as artifacts."""
     import mlflow
 
-    from pickstyle import registry
+    from pickstyle import register, tracking
 
-    experiment_id = registry.ensure_experiment(params, params.evaluate.experiment)
+    experiment_id = tracking.ensure_experiment(params, params.evaluate.experiment)
     adapter_dir = Path(params.paths.models) / "adapter"
-    tags = registry.provenance_tags(params)
-    if (adapter_dir / registry.ADAPTER_FILES[0]).is_file():
-        tags["adapter_sha256"] = registry.adapter_sha256(adapter_dir)
+    tags = tracking.provenance_tags(params)
+    if (adapter_dir / register.ADAPTER_FILES[0]).is_file():
+        tags["adapter_sha256"] = register.adapter_sha256(adapter_dir)
     with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate", tags=tags) as run:
         sample = params.evaluate.sample.model_dump(mode="json")
         mlflow.log_params({f"sample.{k}": v for k, v in sample.items()})

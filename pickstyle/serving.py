@@ -7,7 +7,7 @@ string: the path of the mp4 written, or, with ``return_bytes``, the mp4 itself i
 video, an invalid override) raise an ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` whose message says what
 was wrong; the scoring server returns it as the JSON ``message`` of an HTTP 400.
 
-``pickstyle.registry`` saves this class as a models-from-code entry; the rendering is :mod:`pickstyle.stylize`.
+``pickstyle.register`` saves this class as a models-from-code entry; the rendering is :mod:`pickstyle.stylize`.
 """
 
 from __future__ import annotations

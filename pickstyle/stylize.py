@@ -250,7 +250,7 @@ def stylize_file(
         params: the project params (profile size and clip length, backbone, paths).
         sample: sampling settings (``params.sample`` with CLI overrides).
         adapter: adapter folder (diffusers LoRA format); ``None`` = the base model. A registered model's adapter
-            and backbone come from :func:`pickstyle.registry.load_registered` (the CLI's ``--model``).
+            and backbone come from :func:`pickstyle.register.load_registered` (the CLI's ``--model``).
         backbone: backbone folder (default: the params' backbone, built if missing for the tiny profile).
         side_by_side: write source | result.
         fit: ``crop`` (resize to cover + centre crop) or ``pad`` (letterbox, cut off again afterwards).

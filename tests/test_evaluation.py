@@ -264,12 +264,12 @@ def test_evaluate_stage_writes_metrics_plots_preview_and_mlflow(
     import mlflow
     import torch
 
-    from pickstyle import registry
+    from pickstyle import tracking
     from pickstyle.config import parse_params
     from pickstyle.model.adapters import add_context_style_adapter, save_adapter
     from pickstyle.model.components import load_pipeline
 
-    for key in (*registry.URI_ENV, registry.ARTIFACTS_ENV, "DVC_EXP_NAME"):
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_backbone, tmp_path / "models" / "backbone")
@@ -321,7 +321,7 @@ def test_evaluate_stage_writes_metrics_plots_preview_and_mlflow(
     assert next(r for r in table if r["variant"] == "source")["edge_f1"] == ""
     assert "| variant |" in metrics_markdown(summary)
 
-    run = mlflow.MlflowClient(registry.tracking_uri(params)).get_run(summary["mlflow_run_id"])
+    run = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(summary["mlflow_run_id"])
     assert run.data.metrics["cs_cfg/style_psnr"] == pytest.approx(metrics["cs_cfg/style_psnr"])
     assert run.data.params["sample.steps"] == "2"
     assert "adapter_sha256" in run.data.tags

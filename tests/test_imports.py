@@ -65,6 +65,6 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_graph_covers_the_tree():
     graph = _graph()
-    assert "pickstyle/training.py" in graph and "flows/train.py" in graph
-    assert "pickstyle/training.py" in graph["flows/train.py"]
+    assert "pickstyle/train.py" in graph and "flows/train.py" in graph
+    assert "pickstyle/train.py" in graph["flows/train.py"]
     assert all(Path(ROOT / m).is_file() for m in graph)

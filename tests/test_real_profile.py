@@ -62,8 +62,8 @@ def test_real_layout_every_stage(
     from pickstyle.data.video import read_video, write_video
     from pickstyle.evaluation import evaluate
     from pickstyle.latents import build_latents, iter_latents
-    from pickstyle.registry import register
-    from pickstyle.training import train
+    from pickstyle.register import register
+    from pickstyle.train import train
 
     for var in ("MLFLOW_TRACKING_URI", "PICKSTYLE_MLFLOW_URI", "DVC_EXP_NAME"):
         monkeypatch.delenv(var, raising=False)

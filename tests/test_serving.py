@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pickstyle import registry
+from pickstyle import register, tracking
 from pickstyle.config import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +47,11 @@ def registered(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) ->
     (root / "eval" / "metrics.json").write_text(json.dumps(metrics))
     params = parse_params({"register": {"model_name": MODEL}, "sample": {"steps": 2}})
     with pytest.MonkeyPatch.context() as mp:
-        for key in (*registry.URI_ENV, registry.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
+        for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
             mp.delenv(key, raising=False)
         mp.chdir(root)
-        summary = registry.register(params)
-        yield {"root": root, "params": params, "summary": summary, "uri": registry.tracking_uri(params)}
+        summary = register.register(params)
+        yield {"root": root, "params": params, "summary": summary, "uri": tracking.tracking_uri(params)}
 
 
 def _clip_b64(frames: int = 5) -> str:

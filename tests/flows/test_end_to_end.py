@@ -49,7 +49,7 @@ def test_every_stage_end_to_end(tiny_backbone: Path, tmp_path: Path, monkeypatch
     from flows.register import register_flow
     from flows.train import train_flow
     from pickstyle.data.video import read_video, write_video
-    from pickstyle.registry import tracking_uri
+    from pickstyle.tracking import tracking_uri
 
     for var in ("MLFLOW_TRACKING_URI", "PICKSTYLE_MLFLOW_URI", "DVC_EXP_NAME"):
         monkeypatch.delenv(var, raising=False)

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_training import _params, _random_latents, _threads
+from tests.test_train import _params, _random_latents, _threads
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = {"steps": 24, "checkpoint_every": 4, "keep_checkpoints": 2, "log_every": 4, "lora_dropout": 0.1}
@@ -60,7 +60,7 @@ def test_kill_9_then_dvc_repro_resumes_bit_identical(tiny_backbone: Path, tmp_pa
     shutil.copytree(tiny_backbone, ref / "models" / "backbone")
     _random_latents(ref / "data", n=6, shard_size=3)
     with _threads(1):
-        from pickstyle.training import train
+        from pickstyle.train import train
 
         train(_params(ref, ref / "models", **TRAIN))
     want = load_file(ref / "models" / "adapter" / "pytorch_lora_weights.safetensors")

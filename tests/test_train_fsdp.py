@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pickstyle import training as tr
-from tests.test_training import _random_latents
+from pickstyle import checkpoints as ckpt
+from pickstyle import train as tr
+from tests.test_train import _random_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,10 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
-from pickstyle import training as tr
+from pickstyle import checkpoints as ckpt
+from pickstyle import flow_matching as fm
+from pickstyle import train as tr
+from pickstyle.data import stream
 from pickstyle.config import parse_params
 
 if os.environ.get("FSDP_ON_CPU") == "1":
@@ -115,15 +119,15 @@ def test_fsdp_two_processes_checkpoint_resume_and_adapter_equal_to_ddp(tmp_path:
     # RAM-efficient loading: only rank 0 read the weights.
     assert "EMPTY MODEL ON RANK 1" in out and "EMPTY MODEL ON RANK 0" not in out
 
-    ckpt = tr.list_checkpoints(runs["fsdp"] / ".checkpoints" / "adapter")[-1]
+    last = ckpt.list_checkpoints(runs["fsdp"] / ".checkpoints" / "adapter")[-1]
     ref = load_file(runs["ddp"] / "adapter" / "pytorch_lora_weights.safetensors")
-    lora = load_file(ckpt / "lora.safetensors")
+    lora = load_file(last / "lora.safetensors")
     # The checkpoint holds the whole LoRA tensors and nothing of the frozen backbone.
     assert lora and all(".lora_" in k for k in lora)
     assert sorted(v.shape for v in lora.values()) == sorted(v.shape for v in ref.values())
-    assert {p.name for p in ckpt.glob("optimizer*")} == {"optimizer-rank-0.pt", "optimizer-rank-1.pt"}
+    assert {p.name for p in last.glob("optimizer*")} == {"optimizer-rank-0.pt", "optimizer-rank-1.pt"}
     # Each rank's optimizer file holds its own shard of Adam's moments: the two halves make the whole.
-    shards = [torch.load(ckpt / f"optimizer-rank-{r}.pt", weights_only=True) for r in (0, 1)]
+    shards = [torch.load(last / f"optimizer-rank-{r}.pt", weights_only=True) for r in (0, 1)]
     full = sorted(v.shape[0] for v in lora.values())
     r0, r1 = (list(s["state"].values()) for s in shards)
     rows = sorted(a["exp_avg"].shape[0] + b["exp_avg"].shape[0] for a, b in zip(r0, r1, strict=True))
@@ -157,8 +161,8 @@ def test_local_optimizer_state_round_trips_without_sharding():
     opt = torch.optim.AdamW([param], lr=1e-2)
     param.grad = torch.randn(4, 3)
     opt.step()
-    saved = tr._local_optimizer_state(opt)
+    saved = ckpt._local_optimizer_state(opt)
     fresh = torch.optim.AdamW([param], lr=1e-2)
-    fresh.load_state_dict(tr._sharded_optimizer_state(fresh, saved))
+    fresh.load_state_dict(ckpt._sharded_optimizer_state(fresh, saved))
     for k, v in opt.state[param].items():
         assert torch.equal(fresh.state[param][k], v)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pickstyle import registry
+from pickstyle import register, tracking
 from pickstyle.config import parse_params
 
 MODEL = "pickstyle-test"
@@ -39,7 +39,7 @@ def adapters(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 @pytest.fixture
 def project(tmp_path: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch):
     """A working directory with the tiny backbone in models/, MLflow in tmp_path, no env overrides."""
-    for key in (*registry.URI_ENV, registry.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_backbone, tmp_path / "models" / "backbone")
@@ -64,23 +64,23 @@ def _put(params, adapter: Path, metric: float | None, se: float | None = None) -
 
 
 def test_tracking_uri_is_absolute_and_overridable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in (*registry.URI_ENV, registry.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
     params = parse_params({})
-    assert registry.tracking_uri(params) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert registry.artifact_root(params) == tmp_path.resolve() / "mlartifacts"
+    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_root(params) == tmp_path.resolve() / "mlartifacts"
     # Inside `dvc exp run --temp` the cwd is a throw-away copy: anchor at the parent repository (DVC_ROOT).
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
     monkeypatch.setenv("DVC_ROOT", str(repo))
-    assert registry.tracking_uri(params) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    assert tracking.tracking_uri(params) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
-    assert registry.tracking_uri(params) == "sqlite:////elsewhere/m.db"
-    assert registry.artifact_root(params) == Path("/elsewhere/mlartifacts")
+    assert tracking.tracking_uri(params) == "sqlite:////elsewhere/m.db"
+    assert tracking.artifact_root(params) == Path("/elsewhere/mlartifacts")
     monkeypatch.setenv("PICKSTYLE_MLFLOW_URI", "http://127.0.0.1:5000")
-    assert registry.tracking_uri(params) == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri(params) == "http://127.0.0.1:5000"
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_tracking_uri_is_absolute_and_overridable(tmp_path: Path, monkeypatch: p
     ],
 )
 def test_gate(value, champion, higher, margin, expected) -> None:
-    assert registry.gate_passes(value, champion, higher, margin) is expected
+    assert register.gate_passes(value, champion, higher, margin) is expected
 
 
 def test_register_versions_aliases_gate_tags_and_serving(
@@ -110,7 +110,7 @@ def test_register_versions_aliases_gate_tags_and_serving(
     params = project
     monkeypatch.setenv("DVC_EXP_NAME", "exp-anime")
     _put(params, adapters["a"], 20.0)
-    first = registry.register(params, flow_run_id="flow-123")
+    first = register.register(params, flow_run_id="flow-123")
     assert first["created"] and first["version"] == 1 and first["promoted"]
     assert first["champion"] == 1 and first["challenger"] == 1
     assert json.loads((Path(params.paths.models) / "registered.json").read_text())["version"] == 1
@@ -119,9 +119,9 @@ def test_register_versions_aliases_gate_tags_and_serving(
     md = registration_markdown(first)
     assert f"# Registered `{MODEL}` version 1" in md and "| promoted | True |" in md
 
-    client = MlflowClient(registry.tracking_uri(params))
+    client = MlflowClient(tracking.tracking_uri(params))
     v1 = client.get_model_version(MODEL, "1")
-    assert v1.tags["adapter_sha256"] == registry.adapter_sha256(adapters["a"])
+    assert v1.tags["adapter_sha256"] == register.adapter_sha256(adapters["a"])
     assert v1.tags["prefect_flow_run_id"] == "flow-123"
     assert v1.tags["dvc_exp_name"] == "exp-anime"
     assert v1.tags["params_hash"] == params.section_hash()
@@ -133,33 +133,33 @@ def test_register_versions_aliases_gate_tags_and_serving(
 
     # The same adapter again (new checkpoints, new metrics): no new version.
     _put(params, adapters["a"], 99.0)
-    again = registry.register(params)
+    again = register.register(params)
     assert not again["created"] and again["version"] == 1
     assert "no new version" in registration_markdown(again)
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
     # A worse adapter: a new version, @challenger moves, @champion stays.
     _put(params, adapters["b"], 19.0)
-    worse = registry.register(params)
+    worse = register.register(params)
     assert worse["version"] == 2 and not worse["promoted"]
     assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 2
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
 
     # Better, but within the noise (gain 2 dB < 2 standard errors of 1.5 dB): @champion stays.
     _put(params, adapters["d"], 22.0, se=1.5)
-    noisy = registry.register(params)
+    noisy = register.register(params)
     assert noisy["version"] == 3 and not noisy["promoted"] and noisy["gate"]["margin"] == 3.0
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
 
     # Clearly better (by more than the margin and the spread): becomes champion.
     params.register.gate_margin = 2.0
     _put(params, adapters["c"], 25.0, se=1.0)
-    best = registry.register(params)
+    best = register.register(params)
     assert best["version"] == 4 and best["promoted"] and best["champion"] == 4
     assert best["gate"]["champion_value"] == 20.0 and best["gate"]["passed"]
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 4
     assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 4
-    hits = registry.find_versions(params, MODEL, adapter_sha256=best["adapter_sha256"])
+    hits = register.find_versions(params, MODEL, adapter_sha256=best["adapter_sha256"])
     assert [h["version"] for h in hits] == [4] and hits[0]["aliases"] == ["challenger", "champion"]
 
     # Serving: the champion, loaded by alias, stylizes a clip of any size (fitted to the profile's 64x96).
@@ -172,8 +172,8 @@ def _check_serving(params, tmp_path: Path) -> None:
 
     from pickstyle.data.video import read_video, write_video
 
-    info = registry.load_registered(f"models:/{MODEL}@champion", params)
-    assert (Path(info["adapter_dir"]) / registry.ADAPTER_FILES[0]).is_file()
+    info = register.load_registered(f"models:/{MODEL}@champion", params)
+    assert (Path(info["adapter_dir"]) / register.ADAPTER_FILES[0]).is_file()
     assert (Path(info["backbone_dir"]) / "model_index.json").is_file()
     assert info["params"]["register"]["model_name"] == MODEL
 
@@ -195,21 +195,21 @@ def _check_serving(params, tmp_path: Path) -> None:
 
 
 def test_register_without_adapter_is_a_clear_error(project) -> None:
-    with pytest.raises(registry.RegistryError, match="no trained adapter"):
-        registry.register(project)
+    with pytest.raises(register.RegistryError, match="no trained adapter"):
+        register.register(project)
 
 
 def test_use_tracking_leaves_the_environment_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    for key in registry.URI_ENV:
+    for key in tracking.URI_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
-    registry.use_tracking(parse_params({}))
+    tracking.use_tracking(parse_params({}))
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; it must not turn into a sticky "user override"
     assert "MLFLOW_TRACKING_URI" not in os.environ
     other = parse_params({"paths": {"mlflow_db": "other.db"}})
-    assert registry.tracking_uri(other).endswith("/other.db")
+    assert tracking.tracking_uri(other).endswith("/other.db")
 
 
 def test_real_profiles_record_the_backbone_instead_of_copying_it(project, adapters, tmp_path: Path) -> None:
@@ -220,11 +220,11 @@ def test_real_profiles_record_the_backbone_instead_of_copying_it(project, adapte
         {"profile": "wan-1.3b", "model": {"path": "models/backbone"}, "register": {"model_name": "real"}}
     )
     _put(params, adapters["a"], 20.0)
-    out = registry.register(params)
-    version = MlflowClient(registry.tracking_uri(params)).get_model_version("real", str(out["version"]))
+    out = register.register(params)
+    version = MlflowClient(tracking.tracking_uri(params)).get_model_version("real", str(out["version"]))
     assert version.tags["backbone_path"] == str(backbone.resolve())
-    assert version.tags["backbone_fingerprint"] == registry.backbone_fingerprint(backbone)
-    info = registry.load_registered("models:/real@champion", params)
+    assert version.tags["backbone_fingerprint"] == register.backbone_fingerprint(backbone)
+    info = register.load_registered("models:/real@champion", params)
     assert info["backbone_dir"] == str(backbone.resolve())
     assert not (Path(info["model_dir"]) / "artifacts" / "backbone").exists()
 
@@ -244,25 +244,25 @@ def test_adapter_identity_ignores_safetensors_metadata_order(tmp_path) -> None:
         (folder / "pytorch_lora_weights.safetensors").write_bytes(
             struct.pack("<Q", len(header)) + header + data
         )
-        shas.append(registry.adapter_sha256(folder))
+        shas.append(register.adapter_sha256(folder))
     assert shas[0] == shas[1]
     (tmp_path / "a1" / "pytorch_lora_weights.safetensors").write_bytes(
         struct.pack("<Q", len(header)) + header + bytes(reversed(data))
     )
-    assert registry.adapter_sha256(tmp_path / "a1") != shas[0]  # different weights: a different adapter
+    assert register.adapter_sha256(tmp_path / "a1") != shas[0]  # different weights: a different adapter
 
 
 def test_runs_are_named_by_style_and_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in (registry.STYLE_ENV, "DVC_EXP_NAME"):
+    for key in (tracking.STYLE_ENV, "DVC_EXP_NAME"):
         monkeypatch.delenv(key, raising=False)
     params = parse_params({"pairs": {"styles": ["anime", "sketch"]}})
-    assert registry.style_of(params) == "anime+sketch"
-    assert registry.run_name("train", params) == "train-anime+sketch-workspace"
+    assert tracking.style_of(params) == "anime+sketch"
+    assert tracking.run_name("train", params) == "train-anime+sketch-workspace"
     many = parse_params({"pairs": {"styles": ["anime", "sketch", "sepia", "pixel", "watercolor", "anime2"]}})
-    assert registry.run_name("train", many) == "train-6-styles-workspace"
+    assert tracking.run_name("train", many) == "train-6-styles-workspace"
     imported = parse_params({"pairs": {"source": "omniconsistency", "root": "/data/omni"}})
-    assert registry.style_of(imported) == "omniconsistency"
+    assert tracking.style_of(imported) == "omniconsistency"
     # inside the retrain flow's DVC experiment: its style and experiment name
-    monkeypatch.setenv(registry.STYLE_ENV, "lego")
+    monkeypatch.setenv(tracking.STYLE_ENV, "lego")
     monkeypatch.setenv("DVC_EXP_NAME", "retrain-lego-0102")
-    assert registry.run_name("train", imported) == "train-lego-retrain-lego-0102"
+    assert tracking.run_name("train", imported) == "train-lego-retrain-lego-0102"

@@ -18,8 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pickstyle import training as tr
+from pickstyle import checkpoints as ckpt
+from pickstyle import flow_matching as fm
+from pickstyle import train as tr
 from pickstyle.config import Params, TinyBackbone, parse_params
+from pickstyle.data import stream
 from pickstyle.data.shards import list_shards, write_shards
 from pickstyle.latents import save_constants, to_sample
 from pickstyle.model.components import tiny_latent_geometry
@@ -101,22 +104,22 @@ def workdir(tmp_path: Path, tiny_backbone: Path) -> tuple[Path, Path]:
 
 def test_shift_and_interpolation():
     u = torch.linspace(0, 1, 101)
-    s = tr.shift_sigmas(u, 5.0)
+    s = fm.shift_sigmas(u, 5.0)
     assert s[0] == 0 and s[-1] == 1 and torch.all(s[1:] > s[:-1])
     assert torch.all(s >= u)  # shift > 1 moves every draw toward high noise
-    assert torch.allclose(tr.shift_sigmas(u, 1.0), u)
+    assert torch.allclose(fm.shift_sigmas(u, 1.0), u)
     x0, eps = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
-    assert torch.equal(tr.add_noise(x0, eps, torch.zeros(2)), x0)
-    assert torch.equal(tr.add_noise(x0, eps, torch.ones(2)), eps)
+    assert torch.equal(fm.add_noise(x0, eps, torch.zeros(2)), x0)
+    assert torch.equal(fm.add_noise(x0, eps, torch.ones(2)), eps)
     # The target is the velocity d x_t / dσ.
     sig = torch.tensor([0.3, 0.7])
-    dx = (tr.add_noise(x0, eps, sig + 1e-3) - tr.add_noise(x0, eps, sig - 1e-3)) / 2e-3
-    assert torch.allclose(dx, tr.flow_target(x0, eps), atol=1e-3)
+    dx = (fm.add_noise(x0, eps, sig + 1e-3) - fm.add_noise(x0, eps, sig - 1e-3)) / 2e-3
+    assert torch.allclose(dx, fm.flow_target(x0, eps), atol=1e-3)
 
 
 def test_bell_weights_peak_mid_schedule_with_mean_one():
     g = torch.Generator().manual_seed(0)
-    sig = tr.sample_sigmas(200_000, 5.0, g)
+    sig = fm.sample_sigmas(200_000, 5.0, g)
     w = tr.bell_weights(sig, 5.0)
     assert abs(w.mean().item() - 1.0) < 0.01
     grid = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -124,7 +127,7 @@ def test_bell_weights_peak_mid_schedule_with_mean_one():
     assert wg.argmax() == 2 and wg[0].abs() < 1e-6 and wg[-1].abs() < 1e-6
     assert torch.allclose(wg[1], wg[3])  # symmetric around σ = ½
     # Normalised for the shift it is drawn with: mean 1 under shift 1 as well.
-    assert abs(tr.bell_weights(tr.sample_sigmas(200_000, 1.0, g), 1.0).mean().item() - 1.0) < 0.01
+    assert abs(tr.bell_weights(fm.sample_sigmas(200_000, 1.0, g), 1.0).mean().item() - 1.0) < 0.01
 
 
 def test_warmup_then_constant():
@@ -148,13 +151,13 @@ def _keys(stream, n):
 
 def test_sample_stream_is_deterministic_and_splits_ranks(tmp_path: Path):
     shards = _random_latents(tmp_path, n=8, shard_size=2)  # 4 shards
-    first = _keys(tr.sample_stream(shards, seed=3), 16)
-    assert first == _keys(tr.sample_stream(shards, seed=3), 16)
-    assert first != _keys(tr.sample_stream(shards, seed=4), 16)
+    first = _keys(stream.sample_stream(shards, seed=3), 16)
+    assert first == _keys(stream.sample_stream(shards, seed=3), 16)
+    assert first != _keys(stream.sample_stream(shards, seed=4), 16)
     assert sorted(first[:8]) == sorted(first[8:]) == sorted(f"pair_{i:04d}" for i in range(8))  # epochs
     assert first[:8] != first[8:]  # each epoch reshuffles
     # skip = resume at a sample position without decoding what came before
-    assert _keys(tr.sample_stream(shards, seed=3, skip=5), 11) == first[5:]
+    assert _keys(stream.sample_stream(shards, seed=3, skip=5), 11) == first[5:]
     for n_shards, size in ((4, 2), (1, 8)):  # by shard (>= world_size shards) and by sample (fewer)
         shards = _random_latents(tmp_path / f"s{n_shards}", n=8, shard_size=size)
         env = {}
@@ -162,29 +165,31 @@ def test_sample_stream_is_deterministic_and_splits_ranks(tmp_path: Path):
             with pytest.MonkeyPatch.context() as mp:  # wds.split_by_node reads the rank from the environment
                 mp.setenv("RANK", str(rank))
                 mp.setenv("WORLD_SIZE", "2")
-                env[rank] = _keys(tr.sample_stream(shards, seed=0, rank=rank, world_size=2), 4)
+                env[rank] = _keys(stream.sample_stream(shards, seed=0, rank=rank, world_size=2), 4)
         assert not set(env[0]) & set(env[1])
         assert sorted(env[0] + env[1]) == sorted(f"pair_{i:04d}" for i in range(8))
 
 
 def test_mixed_stream_recon_ratio(tmp_path: Path):
     shards = _random_latents(tmp_path, n=6, recon=6)
-    pairs_only = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.0)
+    pairs_only = stream.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.0)
     assert all(next(pairs_only)["__key__"].startswith("pair_") for _ in range(30))
-    mixed = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
+    mixed = stream.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
     kinds = [next(mixed)["__key__"].split("_")[0] for _ in range(200)]
     assert 0.4 < kinds.count("reconstruct") / 200 < 0.6
     # The position resumes the same sequence.
-    again = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
+    again = stream.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
     head = [next(again)["__key__"] for _ in range(7)]
-    resumed = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5, position=again.position)
+    resumed = stream.MixedStream(
+        shards, seed=0, rank=0, world_size=1, recon_ratio=0.5, position=again.position
+    )
     rest = [next(resumed)["__key__"] for _ in range(5)]
-    fresh = tr.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
+    fresh = stream.MixedStream(shards, seed=0, rank=0, world_size=1, recon_ratio=0.5)
     assert [next(fresh)["__key__"] for _ in range(12)] == head + rest
-    no_recon = tr.MixedStream(
+    no_recon = stream.MixedStream(
         _random_latents(tmp_path / "p", n=4), seed=0, rank=0, world_size=1, recon_ratio=1.0
     )
-    with pytest.raises(tr.TrainingError, match="reconstruct"):
+    with pytest.raises(stream.StreamError, match="reconstruct"):
         next(no_recon)
 
 
@@ -230,7 +235,7 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
         with pytest.raises(_Killed):  # "killed" after step 5: step 5 is lost, step 4 is saved
             tr.train(params_b, on_step=_kill_after(5))
         assert not (models_b / "adapter" / "train_summary.json").exists()
-        ckpts = tr.list_checkpoints(tr.checkpoint_dir(params_b))
+        ckpts = ckpt.list_checkpoints(ckpt.checkpoint_dir(params_b))
         assert [p.name for p in ckpts] == ["step-2", "step-4"]
         assert {p.name for p in ckpts[-1].iterdir()} == {
             "lora.safetensors",
@@ -249,7 +254,7 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
     with open(models_b / "adapter" / "loss.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 8))
     # keep_checkpoints=2 prunes the older ones.
-    assert [p.name for p in tr.list_checkpoints(tr.checkpoint_dir(params_b))] == ["step-4", "step-6"]
+    assert [p.name for p in ckpt.list_checkpoints(ckpt.checkpoint_dir(params_b))] == ["step-4", "step-6"]
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(workdir, capsys):
@@ -280,7 +285,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir):
     with pytest.raises(tr.TrainingError, match=r"step 2: the loss is nan") as info:
         tr.train(params)
     assert "step-1" in str(info.value)
-    ckpts = tr.list_checkpoints(tr.checkpoint_dir(params))
+    ckpts = ckpt.list_checkpoints(ckpt.checkpoint_dir(params))
     assert [p.name for p in ckpts] == ["step-1"]
     assert json.loads((ckpts[0] / "state.json").read_text())["step"] == 1
     assert not (models / "adapter" / "train_summary.json").exists()
@@ -411,19 +416,22 @@ _DDP_SCRIPT = """
 import sys
 import torch
 from safetensors.torch import save_file
-from pickstyle import training as tr
+from pickstyle import checkpoints as ckpt
+from pickstyle import flow_matching as fm
+from pickstyle import train as tr
+from pickstyle.data import stream
 from pickstyle.config import parse_params
 
 torch.set_num_threads(1)
 root, models = sys.argv[1], sys.argv[2]
-_lora_state = tr._lora_state
+_lora_state = ckpt.gather_lora
 
 def dump(accelerator, model):  # every rank writes the adapter it holds, to compare them
     state = _lora_state(accelerator, model)
     save_file(state, f"{root}/lora-rank{accelerator.process_index}.safetensors")
     return state
 
-tr._lora_state = dump
+ckpt.gather_lora = dump
 params = parse_params({
     "paths": {"data": f"{root}/data", "models": models},
     "train": {"steps": 3, "checkpoint_every": 3, "mlflow": False, "lr": 1e-3, "warmup_steps": 0, "device": "cpu"},
@@ -465,8 +473,8 @@ def test_two_processes_gloo_end_with_identical_adapters(workdir):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B." in k)
     # Each process read its own shards.
-    ckpt = tr.list_checkpoints(models / ".checkpoints" / "adapter")[-1]
-    assert {p.name for p in ckpt.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
+    last = ckpt.list_checkpoints(models / ".checkpoints" / "adapter")[-1]
+    assert {p.name for p in last.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     assert len(list_shards(root / "data" / "latents", "latents")) == 4
 
 
@@ -478,22 +486,22 @@ def test_each_epoch_visits_one_motion_variant_per_pair(tmp_path: Path):
         for v in range(k)
     ]
     for epoch in range(k):
-        seen = [(m["pair_key"], m["variant"]) for m in metas if tr.visits(m, 0, epoch)]
+        seen = [(m["pair_key"], m["variant"]) for m in metas if stream.visits(m, 0, epoch)]
         assert sorted(p for p, _ in seen) == [f"p{p}" for p in range(pairs)]  # every pair once per epoch
     by_pair = {}
     for epoch in range(k):
         for m in metas:
-            if tr.visits(m, 0, epoch):
+            if stream.visits(m, 0, epoch):
                 by_pair.setdefault(m["pair_key"], set()).add(m["variant"])
     assert all(v == set(range(k)) for v in by_pair.values())  # K epochs: K different motions per pair
-    assert tr.visits({"kind": "test"}, 0, 7) and tr.visits({"variant": 0, "variants": 1}, 0, 3)
+    assert stream.visits({"kind": "test"}, 0, 7) and stream.visits({"variant": 0, "variants": 1}, 0, 3)
     # the stream: one epoch of 15 clips is 5 samples, each pair once
     samples = [
         {"__key__": f"{m['pair_key']}_m{m['variant']}", "json": json.dumps(m), "x.bin": b"0"} for m in metas
     ]
     shards = write_shards(samples, tmp_path, "latents", shard_size=4)
-    stream = tr.sample_stream(shards, seed=0)
-    epochs = [[json.loads(next(stream)["json"])["pair_key"] for _ in range(pairs)] for _ in range(k)]
+    samples_of = stream.sample_stream(shards, seed=0)
+    epochs = [[json.loads(next(samples_of)["json"])["pair_key"] for _ in range(pairs)] for _ in range(k)]
     assert all(sorted(e) == [f"p{p}" for p in range(pairs)] for e in epochs)
-    assert tr.distinct_motions(steps=600, samples_per_step=1, pairs=240, variants=2) == 2.0
-    assert tr.distinct_motions(steps=120, samples_per_step=1, pairs=240, variants=2) == 0.5
+    assert stream.distinct_motions(steps=600, samples_per_step=1, pairs=240, variants=2) == 2.0
+    assert stream.distinct_motions(steps=120, samples_per_step=1, pairs=240, variants=2) == 0.5

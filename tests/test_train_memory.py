@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pickstyle import training as tr
+from pickstyle import train as tr
 from pickstyle.config import load_params
-from tests.test_training import _params, _random_latents, _threads
+from tests.test_train import _params, _random_latents, _threads
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = Path("adapter") / "pytorch_lora_weights.safetensors"

@@ -1,0 +1,655 @@
+"""The ``train`` stage: one explicit flow-matching loop that trains the context-style LoRA adapters.
+
+Only the LoRA matrices on the VACE context blocks' self-attention q/k/v train; the Wan2.1-VACE backbone is frozen
+(DESIGN §2). A step, as in the PickStyle reference (arXiv 2510.07546, built on DiffSynth-Studio)::
+
+    σ = shift·u / (1 + (shift−1)·u),  u ~ U(0, 1)          # shifted uniform timestep, shift 5
+    x_t = (1 − σ)·x0 + σ·ε                                   # x0 = the style clip's latent
+    loss = w(σ) · ‖ f(x_t, σ·1000, text, context) − (ε − x0) ‖²   # w = mid-schedule bell, mean 1
+
+Data comes from the ``latents`` stage's WebDataset shards (``mode: cached``) or, for comparison with the reference,
+from the clip shards encoded by the VAE and text encoder every step (``mode: on_the_fly``). The sample order is a
+pure function of ``params.seed``, the epoch and the process rank, so a checkpoint only needs the number of samples
+each process has consumed. Multi-GPU runs go through ``accelerate launch`` (``configs/accelerate/``): DDP, or
+FSDP2 when a bf16 replica does not fit (14B): only rank 0 reads the weights, and checkpoints and the final adapter
+gather the LoRA tensors alone (never the backbone), each rank saving its own optimizer shard.
+
+``train(params)`` continues from the newest checkpoint made with the same settings and data
+(:mod:`pickstyle.checkpoints`) and ends with the same adapter, bit for bit on CPU, as an uninterrupted run; the
+data stream is :mod:`pickstyle.data.stream`, the MLflow run :func:`pickstyle.tracking.train_run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import hashlib
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from accelerate import Accelerator, init_empty_weights
+from accelerate.utils import DistributedType
+from diffusers import WanVACETransformer3DModel
+
+from pickstyle.checkpoints import (
+    checkpoint_dir,
+    find_resumable,
+    gather_lora,
+    last_checkpoint,
+    load_lora,
+    restore_training_state,
+    run_key,
+    save_checkpoint,
+)
+from pickstyle.config import Params
+from pickstyle.data.shards import list_shards
+from pickstyle.data.stream import MixedStream, collate, meta_of, motion_report
+from pickstyle.data.video import read_video
+from pickstyle.errors import PickstyleError
+from pickstyle.files import atomic_path, resolve_device, write_json
+from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, sample_sigmas, shift_sigmas
+from pickstyle.latents import decode_latents, encode_clip
+from pickstyle.model.adapters import add_context_style_adapter, save_adapter
+from pickstyle.model.components import ensure_backbone, load_pipeline, resolve_dtype
+from pickstyle.progress import progress
+from pickstyle.tracking import train_run
+
+
+class TrainingError(PickstyleError):
+    """Training cannot go on (a non-finite loss or gradient, a bad adapter setup); names the step."""
+
+
+# --- the maths: small pure functions -----------------------------------------------------------------------------
+
+
+def fixed_noise(
+    keys: list[str], shape: tuple[int, ...], shift: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ and ε drawn once per clip key (the same at every visit): the "overfit one batch" sanity check.
+
+    With the noise and timestep fixed, a handful of clips is a finite set of (input, target) pairs that the
+    adapter can memorise, so the loss must fall; with fresh noise its floor is the irreducible noise term.
+    """
+    sigmas, noises = [], []
+    for key in keys:
+        g = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8])
+        )
+        sigmas.append(sample_sigmas(1, shift, g))
+        noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+    return torch.cat(sigmas), torch.stack(noises)
+
+
+def _bell(sigmas: torch.Tensor) -> torch.Tensor:
+    # exp(−2(σ − ½)²) minus its value at the ends (σ = 0 or 1), so the weight falls to 0 there.
+    return torch.exp(-2.0 * (sigmas - 0.5) ** 2) - math.exp(-0.5)
+
+
+def bell_weights(sigmas: torch.Tensor, shift: float, grid: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """Mid-schedule loss weights w(σ) = (exp(−2(σ − ½)²) − exp(−½)) / Z, with mean 1 over the training draws.
+
+    This is the reference's weighting (DiffSynth-Studio ``FlowMatchScheduler`` in training mode, used by the
+    PickStyle code): a Gaussian bump over the timestep ``t = 1000σ`` peaking at t = 500, shifted to be 0 at the
+    ends. ``Z`` is the bump's mean over the ``grid`` shifted noise levels σ_i = shift((i + ½)/grid), so that
+    ``E[w(σ)] = 1`` when σ is drawn as :func:`sample_sigmas` draws it: the weighting changes which timesteps
+    matter, not the loss's overall scale (nor the right learning rate).
+
+    Args:
+        sigmas: Noise levels in [0, 1], any shape.
+        shift: The timestep shift the sigmas were drawn with.
+        grid: Number of points of the normalising grid.
+    """
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    z = _bell(shift_sigmas(u, shift)).mean().item()
+    return (_bell(sigmas.double()) / z).to(sigmas.dtype)
+
+
+def warmup_constant(step: int, warmup_steps: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup_steps`` optimizer steps, then constant 1."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def flow_matching_loss(
+    pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted MSE to the flow target, per clip then averaged: mean_b w_b · mean((pred_b − (ε_b − x0_b))²)."""
+    target = flow_target(latents.float(), noise.float())
+    per_clip = ((pred.float() - target) ** 2).flatten(1).mean(dim=1)  # [b]
+    return (weights.float() * per_clip).mean()
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+
+def _lora_config(params: Params) -> dict[str, Any]:
+    t = params.train
+    return {
+        "rank": params.lora_rank,
+        "alpha": params.lora_alpha,
+        "dropout": t.lora_dropout,
+        "init": t.lora_init,
+        "targets": t.lora_targets,
+    }
+
+
+def _empty_transformer(path: Path, dtype: torch.dtype):
+    """The backbone transformer's structure with its parameters on the meta device: no weight is read.
+
+    Dtypes as ``from_pretrained(dtype=...)`` gives them (its ``_keep_in_fp32_modules`` stay fp32); buffers (the
+    RoPE tables, not in the checkpoint) are real. For FSDP's RAM-efficient loading, where the main process's weights
+    are broadcast into every rank's shards.
+    """
+
+    with init_empty_weights():  # parameters on meta, buffers real
+        transformer = WanVACETransformer3DModel.from_config(
+            WanVACETransformer3DModel.load_config(path / "transformer")
+        )
+    keep_fp32 = transformer._keep_in_fp32_modules or []
+    for name, param in transformer.named_parameters():
+        if not any(m in name.split(".") for m in keep_fp32):
+            param.data = param.data.to(dtype)
+    return transformer
+
+
+def _parameter_or_buffer(module: torch.nn.Module, name: str) -> torch.Tensor:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)
+
+
+def _build_model(params: Params, device: str, mode: str, empty: bool = False):
+    """The frozen backbone transformer with the context-style LoRA added; plus the pipeline for on-the-fly mode.
+
+    Args:
+        params: The pipeline params.
+        device: Where the model goes.
+        mode: ``cached`` (the transformer alone: neither VAE nor text encoder is loaded) or ``on_the_fly``.
+        empty: Cached mode: build the transformer on the meta device without reading its weights (FSDP with
+            ``fsdp_cpu_ram_efficient_loading`` on every process but the main one, which broadcasts them).
+
+    Returns:
+        ``(transformer, pipe_or_None)``. Base weights in the profile's dtype (bf16 on CUDA), LoRA params fp32.
+    """
+
+    path = ensure_backbone(params)
+    dtype = resolve_dtype(params.model.dtype, device)
+    pipe = None
+    if mode == "on_the_fly":
+        pipe = load_pipeline(path, device=device, dtype=dtype)
+        transformer = pipe.transformer
+        for module in (pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+    elif empty:
+        transformer = _empty_transformer(path, dtype)
+    else:
+        # Cached latents need only the transformer: the text encoder (UMT5-XXL, 11 GB) stays on disk.
+        transformer = WanVACETransformer3DModel.from_pretrained(path / "transformer", dtype=dtype).to(device)
+    transformer.requires_grad_(False)
+    cfg = _lora_config(params)
+    # The LoRA init draws from torch's global RNG: seed it so every process starts from the same adapter.
+    # Only the CPU generator: torch.manual_seed would also reseed (and, with devices=[], not restore) every CUDA
+    # generator, overwriting the per-rank seeds; peft creates and initialises LoRA weights on the CPU.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(params.seed)
+        add_context_style_adapter(
+            transformer,
+            cfg["rank"],
+            cfg["alpha"],
+            dropout=cfg["dropout"],
+            init=cfg["init"],
+            targets=cfg["targets"],
+        )
+    # add_context_style_adapter froze everything but the LoRA matrices and made those fp32 (master weights
+    # even when the base is bf16; autocast computes in bf16). Check it, as the tests do.
+    wrong = [n for n, p in transformer.named_parameters() if p.requires_grad != (".lora_" in n)]
+    wrong += [n for n, p in transformer.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if wrong:
+        raise TrainingError(f"unexpected trainable/frozen parameters after adding the adapter: {wrong[:5]}")
+    if params.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return transformer, pipe
+
+
+def _decode_cached(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+
+    return decode_latents(raw)
+
+
+def _encode_on_the_fly(pipe, raw: dict[str, Any], params: Params) -> dict[str, torch.Tensor]:
+    """Decode a clip sample's videos and encode them like the reference does every step (VAE + text)."""
+
+    meta = meta_of(raw)
+    src, _ = read_video(raw["src.mp4"])
+    style, _ = read_video(raw["style.mp4"])
+    with torch.no_grad():
+        enc = encode_clip(pipe, src, style, meta["caption"], params=params)
+    return {k: v.detach().to("cpu", torch.float32) for k, v in enc.items() if torch.is_tensor(v)}
+
+
+# --- outputs -----------------------------------------------------------------------------------------------------
+
+
+def _write_loss_outputs(history: list[dict[str, float]], out: Path) -> None:
+    """``loss.csv`` (DVC plots: x=step, y=loss) and ``loss.png`` (raw loss and its 20-step moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_path(out / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "samples_per_s"])
+        writer.writeheader()
+        writer.writerows(history)
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 20:
+        avg = np.convolve(losses, np.ones(20) / 20, mode="valid")
+        ax.plot(steps[19:], avg, lw=1.6, label="20-step mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted flow-matching loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the loop works on: the prepared model and optimizer, the data stream, and where a resumed run stands."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: MixedStream
+    next_batch: Callable[[], dict[str, Any]]
+    generator: torch.Generator
+    scale: torch.Tensor
+    compute_dtype: torch.dtype
+    key: dict[str, Any]
+    lora: dict[str, Any]
+    lora_params: int
+    start_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+
+def train(
+    params: Params, fresh: bool = False, *, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Train the context-style LoRA adapter; writes ``<models>/adapter/`` and an MLflow run.
+
+    Runs as one process or under ``accelerate launch`` / ``torchrun`` (DDP: every process draws its own
+    samples, noise and timesteps; gradients are averaged, so all processes hold the same adapter; or FSDP2).
+
+    Args:
+        params: The pipeline params (``train``, ``paths``, the active profile's LoRA defaults, ``seed``).
+        fresh: Start from step 0 and delete the old checkpoints. Otherwise the run continues from the newest
+            checkpoint in ``<models>/.checkpoints/adapter`` made with the same settings and data (a killed
+            ``dvc repro`` picks up where it stopped); one made with other settings is replaced, and the log
+            says which settings differ.
+        on_step: Called with the step number after each optimizer step (progress reporting; an exception it
+            raises stops the run the way a kill would, after the last checkpoint).
+
+    Returns:
+        The summary also written to ``train_summary.json``: losses, steps, samples/s, LoRA size, MLflow run id.
+
+    Raises:
+        TrainingError: A non-finite loss or gradient (the message names the step; the last good checkpoint
+            stays). CheckpointError: an incompatible checkpoint. StreamError: data with no usable sample.
+    """
+    t = params.train
+    _prefer_expandable_segments()
+    accelerator = Accelerator(cpu=resolve_device(t.device) == "cpu")
+    main = accelerator.is_main_process
+    run = _setup(params, accelerator, fresh)
+    pbar = progress(total=t.steps, initial=run.start_step, disable=not main, desc="train", unit="step")
+    with train_run(params, run.mlflow_run_id, enabled=main and t.mlflow) as run_id, contextlib.closing(pbar):
+        seconds, samples, window, step, grad_norm = 0.0, 0, [], run.start_step, None
+        for step in range(run.start_step + 1, t.steps + 1):
+            tic = time.perf_counter()
+            loss, n, grad_norm, lr = _optimizer_step(run, params, accelerator, step)
+            took = time.perf_counter() - tic
+            seconds, samples = seconds + took, samples + n
+            run.history.append({"step": step, "loss": loss, "lr": lr, "samples_per_s": round(n / took, 3)})
+            window.append(loss)
+            pbar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                pbar.set_postfix(loss=f"{np.mean(window):.4f}", samples_s=f"{samples / seconds:.2f}")
+                if run_id is not None:
+                    mlflow.log_metrics(
+                        {"loss": float(np.mean(window)), "lr": lr, "samples_per_s": samples / seconds},
+                        step=step,
+                    )
+                window = []
+            if t.checkpoint_every > 0 and step % t.checkpoint_every == 0:
+                _checkpoint(run, params, accelerator, step, loss, run_id)
+            if on_step is not None:
+                on_step(step)
+        summary = _summary(run, params, accelerator, step, grad_norm, samples, seconds, run_id)
+        # Gathered on every process (a collective under FSDP), written by the main one: whole tensors, never shards.
+        lora = gather_lora(accelerator, run.model)
+        if main:
+            _write_final(
+                accelerator.unwrap_model(run.model),
+                lora,
+                Path(params.paths.models) / "adapter",
+                run.history,
+                summary,
+                run_id,
+            )
+        accelerator.wait_for_everyone()
+    return summary
+
+
+def _prefer_expandable_segments() -> None:
+    """Before CUDA starts: growable segments instead of fixed blocks, so the allocator does not fragment on
+    the varying activation sizes of checkpointed blocks (the user's own setting wins)."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
+    """Data, model, optimizer and scheduler, resumed from the newest matching checkpoint unless ``fresh``."""
+    t = params.train
+    device = accelerator.device
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    out, ckpt_root = Path(params.paths.models) / "adapter", checkpoint_dir(params)
+    data_dir = Path(params.paths.data)
+    shards = (
+        list_shards(data_dir / "latents", "latents")
+        if t.mode == "cached"
+        else list_shards(data_dir / "clips", "clips")
+    )
+    if main:
+        (out / "train_summary.json").unlink(missing_ok=True)  # present = the adapter in ``out`` is complete
+        ensure_backbone(params)
+    lora_cfg = _lora_config(params)
+    key = run_key(params, shards, lora_cfg, world)
+    ckpt, why = (None, "fresh start requested") if fresh else find_resumable(ckpt_root, key, t.steps)
+    if main:
+        print(f"train: {why}")
+        if ckpt is None:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    # Per-process seeds: processes must draw different noise, and a rerun must draw the same.
+    random.seed(params.seed + rank)
+    np.random.seed(params.seed + rank)
+    torch.manual_seed(params.seed + rank)
+    generator = torch.Generator().manual_seed(params.seed * 1_000_003 + rank)
+
+    # FSDP (version 2 only: bf16 base and fp32 LoRA in one unit) with RAM-efficient loading: only the main process
+    # reads the weights; the others build an empty model, and accelerate broadcasts the main one's into the shards.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise TrainingError("FSDP training needs fsdp_version: 2 (configs/accelerate/fsdp-14b.yaml)")
+    ram_efficient = fsdp and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
+    empty = ram_efficient and t.mode == "cached" and not main
+    transformer, pipe = _build_model(params, str(device), t.mode, empty=empty)
+    if ram_efficient:
+        # accelerate's broadcast (fsdp2_load_full_state_dict) looks tensors up with transformers'
+        # ``get_parameter_or_buffer``, which diffusers models lack.
+        transformer.get_parameter_or_buffer = functools.partial(_parameter_or_buffer, transformer)
+    state = load_lora(ckpt, transformer, lora=lora_cfg, world_size=world, empty=empty) if ckpt else {}
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    lora_params = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    if fsdp:
+        # accelerate swaps the optimizer's parameters for the sharded ones by data_ptr, which is 0 for every meta
+        # parameter of an empty model: point it at the sharded trainable parameters (same order, no state yet).
+        optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, t.warmup_steps))
+    position = (
+        restore_training_state(ckpt, optimizer=optimizer, scheduler=scheduler, generator=generator, rank=rank)
+        if ckpt
+        else None
+    )
+    stream = MixedStream(
+        shards, seed=params.seed, rank=rank, world_size=world, recon_ratio=t.recon_ratio, position=position
+    )
+
+    def next_batch() -> dict[str, Any]:
+        samples = []
+        for _ in range(t.batch_size):
+            raw = next(stream)
+            sample = _decode_cached(raw) if pipe is None else _encode_on_the_fly(pipe, raw, params)
+            samples.append({**sample, "__key__": raw["__key__"]})
+        return collate(samples)
+
+    return _Run(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        next_batch=next_batch,
+        generator=generator,
+        scale=torch.ones(len(accelerator.unwrap_model(model).config.vace_layers), device=device),
+        # Autocast by device type and the base weights' dtype: bf16 compute wherever the frozen base is bf16 (CUDA
+        # or CPU), none for an fp32 base. LoRA master weights stay fp32 either way.
+        compute_dtype=resolve_dtype(params.model.dtype, str(device)),
+        key=key,
+        lora=lora_cfg,
+        lora_params=lora_params,
+        start_step=int(state.get("step", 0)),
+        history=list(state.get("history", [])),
+        mlflow_run_id=state.get("mlflow_run_id"),
+    )
+
+
+def _optimizer_step(
+    run: _Run, params: Params, accelerator: Accelerator, step: int
+) -> tuple[float, int, float | None, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, clips, gradient norm, lr)."""
+    t = params.train
+    ckpt_root = checkpoint_dir(params)
+    autocast = run.compute_dtype != torch.float32
+    loss_value, samples, grad_norm = 0.0, 0, None
+    for micro in range(t.grad_accum):
+        batch = run.next_batch()
+        # Only the last micro-batch all-reduces the summed gradients across processes.
+        sync = micro == t.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+            loss = _micro_step(
+                run.model,
+                batch,
+                params,
+                run.scale,
+                run.generator,
+                accelerator.device,
+                run.compute_dtype,
+                autocast,
+            )
+            # Gradients of a mean over grad_accum x batch_size clips: each micro-batch's mean loss / grad_accum.
+            accelerator.backward(loss / t.grad_accum)
+        loss_value += accelerator.reduce(loss.detach(), reduction="mean").item() / t.grad_accum
+        samples += batch["latents"].shape[0] * accelerator.num_processes
+    if not math.isfinite(loss_value):
+        raise TrainingError(
+            f"step {step}: the loss is {loss_value}; stopped. Last good checkpoint: "
+            f"{last_checkpoint(ckpt_root)} (lower train.lr, then resume or restart)"
+        )
+    if t.grad_clip > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), t.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(
+                f"step {step}: the gradient norm is {grad_norm}; stopped. Last good checkpoint: "
+                f"{last_checkpoint(ckpt_root)}"
+            )
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, samples, grad_norm, lr
+
+
+def _checkpoint(
+    run: _Run, params: Params, accelerator: Accelerator, step: int, loss: float, run_id: str | None
+) -> None:
+    save_checkpoint(
+        checkpoint_dir(params),
+        step,
+        accelerator=accelerator,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        generator=run.generator,
+        position=run.stream.position,
+        state={
+            "step": step,
+            "loss": loss,
+            "history": run.history,
+            "lora": run.lora,
+            "world_size": accelerator.num_processes,
+            "mlflow_run_id": run_id,
+            "seed": params.seed,
+            "key": run.key,
+        },
+        keep=params.train.keep_checkpoints,
+    )
+
+
+def _summary(
+    run: _Run,
+    params: Params,
+    accelerator: Accelerator,
+    step: int,
+    grad_norm: float | None,
+    samples: int,
+    seconds: float,
+    run_id: str | None,
+) -> dict[str, Any]:
+    t, history, world = params.train, run.history, accelerator.num_processes
+    return {
+        "steps": step,
+        "start_step": run.start_step,
+        "world_size": world,
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "mode": t.mode,
+        "device": str(accelerator.device),
+        "lora_params": run.lora_params,
+        **motion_report(Path(params.paths.data) / "latents", t.steps * t.batch_size * t.grad_accum * world),
+        "lora": run.lora,
+        "first_loss": float(np.mean([h["loss"] for h in history[:20]])) if history else None,
+        "final_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None,
+        # the last step's gradient norm before clipping (None with grad_clip 0)
+        "grad_norm": grad_norm,
+        "samples_per_s": samples / seconds if seconds else None,
+        "seconds": seconds,
+        "adapter_dir": str(Path(params.paths.models) / "adapter"),
+        "mlflow_run_id": run_id,
+    }
+
+
+def _micro_step(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    params: Params,
+    scale: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    autocast: bool,
+) -> torch.Tensor:
+    """One micro-batch's weighted flow-matching loss (forward only; the caller runs the backward pass).
+
+    With ``train.activation_offload`` the tensors autograd saves for the backward pass go to CPU memory as they
+    are made (``save_on_cpu``, pinned on CUDA) and come back one block at a time during backward.
+    """
+    t = params.train
+    latents = batch["latents"].to(device, torch.float32)  # [b, 16, f, h, w]
+    context = batch["context"].to(device, torch.float32)  # [b, 96, f, h, w]
+    prompt_embeds = batch["prompt_embeds"].to(device, torch.float32)  # [b, L, D]
+    if t.fixed_noise:
+        sigmas, noise = fixed_noise(batch["keys"], latents.shape[1:], t.shift, params.seed)
+    else:
+        sigmas = sample_sigmas(latents.shape[0], t.shift, generator)  # [b]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device)
+    weights = bell_weights(sigmas, t.shift) if t.weighting == "bell" else torch.ones_like(sigmas)
+    sigmas, weights = sigmas.to(device), weights.to(device)
+    noisy = add_noise(latents, noise, sigmas)
+    offload = (
+        torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+        if t.activation_offload
+        else contextlib.nullcontext()
+    )
+    with offload, torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=autocast):
+        pred = model(
+            hidden_states=noisy,
+            timestep=sigmas * NUM_TRAIN_TIMESTEPS,
+            encoder_hidden_states=prompt_embeds,
+            control_hidden_states=context,
+            control_hidden_states_scale=scale,
+            return_dict=False,
+        )[0]
+    return flow_matching_loss(pred, latents, noise, weights)
+
+
+def _write_final(
+    transformer,
+    lora: dict[str, torch.Tensor],
+    out: Path,
+    history: list[dict],
+    summary: dict[str, Any],
+    run_id: str | None,
+) -> None:
+    """Write the adapter (diffusers LoRA + metadata), loss curve and summary into ``out``; log them to MLflow.
+
+    ``lora`` is :func:`~pickstyle.checkpoints.gather_lora` (whole tensors even under FSDP, where ``transformer`` holds only shards);
+    ``transformer`` supplies the peft config.
+
+    ``save_adapter`` replaces the folder it writes as a whole, so it writes a staging folder whose files then
+    replace ``out``'s one by one; ``train_summary.json`` goes last (the run is
+    complete when it is there).
+    """
+
+    staging = out.parent / f".{out.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    extra = {
+        "steps": summary["steps"],
+        "final_loss": summary["final_loss"],
+        "mode": summary["mode"],
+        "mlflow_run_id": run_id,
+    }
+    save_adapter(transformer, staging, extra_metadata=extra, state_dict=lora)
+    _write_loss_outputs(history, staging)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_summary.json").unlink(missing_ok=True)
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    write_json(out / "train_summary.json", summary)
+    if run_id is not None:
+        for f in sorted(out.iterdir()):
+            if f.is_file():
+                mlflow.log_artifact(str(f), artifact_path="adapter")
+        mlflow.log_artifact(str(out / "loss.png"))
+        mlflow.log_metrics(
+            {"final_loss": summary["final_loss"], "train_samples_per_s": summary["samples_per_s"] or 0.0},
+            step=summary["steps"],
+        )
