@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import gif_artifact, stage_params
 from pickstyle.config import Params
-from pickstyle.evaluation import evaluate
+from pickstyle.evaluate import evaluate
 
 
 def metrics_table(metrics: dict[str, float]) -> list[dict[str, object]]:

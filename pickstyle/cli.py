@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pickstyle.evaluation import evaluate
+    from pickstyle.evaluate import evaluate
 
     _print(evaluate(_params(args)))
 

@@ -53,3 +53,66 @@ def real_layout_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.real_layout import write_real_layout
 
     return write_real_layout(tmp_path_factory.mktemp("real") / "Wan2.1-VACE-1.3B-diffusers", "wan-1.3b")
+
+
+#: Frames and size of the metric tests' source clip.
+T, H, W = 6, 64, 96
+
+
+@pytest.fixture(scope="module")
+def source():
+    """A camera pan over a real photo: 3 px per frame to the right, 1 px down."""
+    import cv2
+    import numpy as np
+    from skimage import data as skdata
+
+    photo = cv2.resize(skdata.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    return np.stack([photo[40 + t : 40 + t + H, 60 + 3 * t : 60 + 3 * t + W] for t in range(T)])
+
+
+@pytest.fixture(scope="module")
+def flows(source):
+    """The source clip's DIS flows (forward, backward), computed once per module."""
+    from pickstyle.metrics import source_flows
+
+    return source_flows(source)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer CLIP with a BPE tokenizer trained in-process, saved like a downloaded CLIP folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
+
+    out = tmp_path_factory.mktemp("clip")
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tok.train_from_iterator(
+        ["sepia style an astronaut anime noise"], trainers.BpeTrainer(vocab_size=60, special_tokens=specials)
+    )
+    fast = CLIPTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=specials[0],
+        eos_token=specials[1],
+        unk_token=specials[1],
+        pad_token=specials[1],
+    )
+    layer = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = {
+        **layer,
+        "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 16,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    config = CLIPConfig(
+        text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8}, projection_dim=8
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(out)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=fast).save_pretrained(out)
+    return out

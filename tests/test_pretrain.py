@@ -10,8 +10,9 @@ import torch
 
 from pickstyle.config import parse_params
 from pickstyle.data.scenes import draw_scene, render_scene
-from pickstyle.evaluation import psnr, vae_roundtrip
+from pickstyle.evaluate import vae_roundtrip
 from pickstyle.files import sha256_file
+from pickstyle.metrics import psnr
 from pickstyle.model.components import load_pipeline
 from pickstyle.model.pipeline import PickStylePipeline
 from pickstyle.pretrain import pretrain, pretrain_styles, work_dir

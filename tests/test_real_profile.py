@@ -60,7 +60,7 @@ def test_real_layout_every_stage(
     from pickstyle.data.clips import build_clips
     from pickstyle.data.pairs import build_pairs
     from pickstyle.data.video import read_video, write_video
-    from pickstyle.evaluation import evaluate
+    from pickstyle.evaluate import evaluate
     from pickstyle.latents import build_latents, iter_latents
     from pickstyle.register import register
     from pickstyle.train import train

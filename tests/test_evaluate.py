@@ -1,0 +1,166 @@
+"""The ``evaluate`` stage: variants, aggregation with standard errors, tables, figures, preview, MLflow."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from pickstyle import evaluate as ev
+from pickstyle import metrics
+
+T, H, W = 6, 64, 96
+
+
+def _write_test_clips(data: Path, n: int = 2, frames: int = 5) -> None:
+    """``n`` panning test clips (64x96) with their exact sepia ground truth, as the clips stage writes them."""
+    from pickstyle.data.shards import write_shards
+    from pickstyle.data.styles import apply_style
+    from pickstyle.data.video import encode_video
+
+    photo = cv2.resize(skdata.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    samples = []
+    for i in range(n):
+        src = np.stack([photo[20 * i + t : 20 * i + t + H, 2 * t : 2 * t + W] for t in range(frames)])
+        gt = np.stack([apply_style("sepia", f) for f in src])
+        meta = {
+            "caption": "Sepia style. an astronaut",
+            "style": "sepia",
+            "fps": 8,
+            "frames": 9,
+            "kind": "test",
+        }
+        samples.append(
+            {
+                "__key__": f"test_{i:04d}",
+                "src.mp4": encode_video(src, 8, lossless=True),
+                "style.mp4": encode_video(gt, 8, lossless=True),
+                "json": json.dumps(meta),
+            }
+        )
+    write_shards(samples, data / "testclips", "testclips", 64)
+
+
+def test_aggregate_and_tables(tmp_path, source, flows):
+    rows = [
+        {"clip": "a", "variant": "identity", "style": "sepia", "warp_error": 1.0, "style_psnr": 10.0},
+        {"clip": "b", "variant": "identity", "style": "anime", "warp_error": 3.0, "style_psnr": float("nan")},
+        {"clip": "c", "variant": "identity", "style": "sepia", "warp_error": 2.0, "style_psnr": 14.0},
+        {"clip": "a", "variant": "source", "style": "sepia", "warp_error": 0.5},
+    ]
+    agg = ev.aggregate(rows)
+    assert agg == {
+        "identity/style_psnr": 12.0,
+        "identity/style_psnr_se": 2.0,  # std 2.83 (n - 1) / sqrt(2)
+        "identity/warp_error": 2.0,
+        "identity/warp_error_se": round(1 / 3**0.5, 6),
+        "source/warp_error": 0.5,
+        "style/sepia/identity/style_psnr": 12.0,
+    }
+    ev.write_per_clip_csv(tmp_path / "per_clip.csv", rows)
+    lines = (tmp_path / "per_clip.csv").read_text().splitlines()
+    assert lines[0] == "clip,variant,style,style_psnr,warp_error" and len(lines) == 5
+    curves = {"source": [metrics.warp_error_per_frame(source, flows=flows)] * 2}
+    ev.write_curve_csv(tmp_path / "curve.csv", curves)
+    assert (tmp_path / "curve.csv").read_text().splitlines()[0] == "frame,source"
+    figs = ev.plot_figures(tmp_path / "figures", agg, curves)
+    assert all(f.stat().st_size > 1000 for f in figs)
+    previews = [{"source": source, "base": source, "cs_cfg": source, "ground_truth": source}]
+    grid = ev.preview_grid(previews)
+    assert grid.shape == (T, 14 + H, 4 * W, 3)
+    ev.write_preview(tmp_path / "p.gif", previews, fps=8)
+    assert (tmp_path / "p.gif").read_bytes()[:3] == b"GIF"
+
+
+def test_variant_samples():
+    from pickstyle.config import Sample
+
+    s = Sample(guidance="cs_cfg_apg", adapter_scale=0.8)
+    assert ev.variant_sample(s, "base").adapter_scale == 0.0
+    assert ev.variant_sample(s, "base").guidance == "cfg"
+    assert ev.variant_sample(s, "cfg").adapter_scale == 0.8
+    assert ev.variant_sample(s, "cs_cfg").guidance == "cs_cfg_apg"
+    assert ev.variant_sample(s, "cfg_joint").guidance == "cfg_joint"
+    assert ev.variant_sample(s, "reconstruct").adapter_scale == 0.0
+    assert ev.variant_sample(Sample(guidance="none"), "cs_cfg").guidance == "cs_cfg"
+
+
+def test_evaluate_stage_writes_metrics_plots_preview_and_mlflow(
+    tmp_path, tiny_backbone, tiny_clip, monkeypatch
+):
+    import mlflow
+    import torch
+
+    from pickstyle import tracking
+    from pickstyle.config import parse_params
+    from pickstyle.model.adapters import add_context_style_adapter, save_adapter
+    from pickstyle.model.components import load_pipeline
+
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_backbone, tmp_path / "models" / "backbone")
+    pipe = load_pipeline(tiny_backbone)
+    add_context_style_adapter(pipe.transformer, rank=4, alpha=4.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a "trained" adapter: B != 0, so the adapter changes the output
+        for name, p in pipe.transformer.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(pipe, tmp_path / "models" / "adapter")
+    _write_test_clips(tmp_path / "data")
+    # max_clips=1 of 2: the VAE dominates the time (~3 s per stylized clip on a busy 2-core CPU)
+    params = parse_params(
+        {"evaluate": {"sample": {"steps": 2}, "max_clips": 1, "clip_model_path": str(tiny_clip)}}
+    )
+
+    summary = ev.evaluate(params)
+
+    assert summary["clips"] == 1
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for variant in ("identity", "base", "cfg", "cs_cfg"):
+        for metric in ("warp_error", "structure_ssim", "edge_f1", "style_psnr", "style_ssim", "color_dist"):
+            assert math.isfinite(metrics[f"{variant}/{metric}"]), f"{variant}/{metric}"
+    assert {"source/warp_error", "ground_truth/warp_error", params.register.gate_metric} <= set(metrics)
+    assert -1 <= metrics["cs_cfg/clip_score"] <= 1
+    assert metrics["identity/structure_ssim"] == 1.0 and metrics["identity/edge_f1"] == 1.0
+    assert metrics["identity/warp_error"] == metrics["source/warp_error"]
+    assert metrics["base/style_psnr"] != metrics["cfg/style_psnr"]  # the adapter scale really toggles
+    assert metrics["cfg/style_psnr"] != metrics["cs_cfg/style_psnr"]
+    assert metrics["vae/source_psnr"] > 20 and math.isfinite(metrics["reconstruct/source_psnr"])
+    assert "vae/style_psnr" not in metrics  # the backbone checks are scored against the source only
+    per_clip = (tmp_path / "eval" / "plots" / "per_clip.csv").read_text().splitlines()
+    assert len(per_clip) == 1 + 9  # header + 1 clip x (source, ground truth, 7 variants)
+    curve = (tmp_path / "eval" / "plots" / "warp_error_per_frame.csv").read_text().splitlines()
+    assert curve[0].split(",")[0] == "frame" and len(curve) == 1 + 4
+    assert (tmp_path / "eval" / "figures" / "metrics.png").stat().st_size > 1000
+    assert (tmp_path / "eval" / "preview.gif").read_bytes()[:3] == b"GIF"
+    assert (tmp_path / "eval" / "preview.png").read_bytes()[:4] == b"\x89PNG"
+
+    from flows.evaluate import metrics_markdown, metrics_table
+
+    table = metrics_table(metrics)
+    assert [r["variant"] for r in table][:1] and {r["variant"] for r in table} >= {
+        "identity",
+        "cs_cfg",
+        "source",
+    }
+    assert next(r for r in table if r["variant"] == "source")["edge_f1"] == ""
+    assert "| variant |" in metrics_markdown(summary)
+
+    run = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["cs_cfg/style_psnr"] == pytest.approx(metrics["cs_cfg/style_psnr"])
+    assert run.data.params["sample.steps"] == "2"
+    assert "adapter_sha256" in run.data.tags
+
+
+def test_evaluate_without_test_clips_is_a_clear_error(tmp_path, monkeypatch):
+    from pickstyle.config import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="testclips"):
+        ev.evaluate(parse_params({"evaluate": {"variants": ["identity"]}}))
