@@ -362,8 +362,8 @@ class Sample(_Section):
     cache_threshold: float = 0.0
     adapter_scale: float = 1.0
     device: str = "auto"
-    #: Videos longer than one clip: consecutive windows share at least this many frames, cross-faded
-    #: linearly (added by the stylize helper).
+    #: Videos longer than one clip are denoised as one latent in windows of the clip length; consecutive
+    #: windows share at least this many frames, their noise predictions averaged every step.
     window_overlap: int = Field(default=4, ge=0)
 
     # A NaN scale or zero steps would "work" and write a garbage video: reject them, naming the field, in the

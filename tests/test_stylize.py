@@ -11,7 +11,8 @@ import pytest
 
 from pickstyle.cli import main
 from pickstyle.data.video import read_video, write_video
-from pickstyle.stylize import blend_windows, plan_windows, resample_frames
+from pickstyle.model.pipeline import plan_windows
+from pickstyle.stylize import resample_frames
 
 WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"
 PROMPT = "anime style. a wolf in the snow"
@@ -99,12 +100,31 @@ def test_missing_adapter_fails_cleanly(tmp_path, models_dir, capsys):
 
 
 def test_long_clip_in_windows_keeps_fps_and_frame_count(tmp_path, models_dir):
-    src = _clip(tmp_path / "in.mov", 12, 40, 60, 12.0)  # > 9 frames: two cross-faded windows
+    src = _clip(tmp_path / "in.mov", 12, 40, 60, 12.0)  # > 9 frames: one latent denoised in two windows
     out = tmp_path / "result.mp4"
     assert _stylize(src, out, models_dir) == 0
     frames, fps = read_video(out)
     assert frames.shape == (12, 64, 96, 3)
     assert fps == pytest.approx(12.0)
+
+
+def test_long_video_is_one_latent_denoised_in_windows(tmp_path, models_dir, monkeypatch):
+    from pickstyle.model.pipeline import PickStylePipeline
+
+    calls, real = [], PickStylePipeline.__call__
+
+    def spy(self, video, *args, **kw):
+        calls.append((len(video), kw["window_frames"], kw["window_overlap"]))
+        return real(self, video, *args, **kw)
+
+    monkeypatch.setattr(PickStylePipeline, "__call__", spy)
+    src = _clip(tmp_path / "in.mp4", 22, 40, 60, 8.0)  # the profile's 8 fps: 22 model frames, > 9
+    out = tmp_path / "long.mp4"
+    assert _stylize(src, out, models_dir) == 0
+    assert calls == [(25, 9, 4)]  # one call for the whole video (padded to 4n+1), 9-frame windows
+    frames, fps = read_video(out)
+    assert frames.shape == (22, 64, 96, 3) and fps == pytest.approx(8.0)
+    assert all(f.std() > 0 for f in frames)  # every frame rendered
 
 
 def test_side_by_side_short_clip(tmp_path, models_dir):
@@ -190,12 +210,3 @@ def test_plan_windows_cover_every_frame():
         assert windows[0][0] == 0 and windows[-1][1] == total
         assert all(e - s == 9 for s, e in windows)
         assert all(b[0] <= a[1] - 4 for a, b in itertools.pairwise(windows))  # overlap >= 4
-
-
-def test_blend_windows_crossfades_linearly():
-    a = np.zeros((9, 2, 2, 3), np.uint8)
-    b = np.full((9, 2, 2, 3), 200, np.uint8)
-    out = blend_windows([((0, 9), a), ((5, 14), b)], 14)
-    values = out[:, 0, 0, 0].astype(int)
-    assert (values[:5] == 0).all() and (values[9:] == 200).all()  # frames seen by one window: unchanged
-    assert list(values[5:9]) == sorted(values[5:9]) and 0 < values[5] < values[8] < 200  # a monotone fade
