@@ -358,8 +358,15 @@ class Sample(_Section):
     negative_prompt: str | None = None
     #: Run the three CS-CFG predictions as one batch-3 forward (False = sequential, lower memory).
     batched: bool = True
-    #: Step-cache threshold (0 = no cache).
+    #: Step-cache threshold (0 = no cache), on the backbone's calibrated (TeaCache-rescaled) distance.
     cache_threshold: float = 0.0
+    #: First steps the step cache always computes (retention steps).
+    cache_warmup: int = Field(default=1, ge=1)
+    #: Compute all guidance predictions every k-th step only; in between reuse the last full step's guidance
+    #: directions (1 = exact; 2 makes cs_cfg cost about what CFG does).
+    guidance_every: int = Field(default=1, ge=1)
+    #: What the steps in between reuse: ``all`` (compute ε_c only) or ``context`` (compute ε_c and ε_t).
+    guidance_reuse: Literal["all", "context"] = "all"
     adapter_scale: float = 1.0
     device: str = "auto"
     #: Videos longer than one clip are denoised as one latent in windows of the clip length; consecutive

@@ -54,6 +54,42 @@ _BRANCHES = {
 }
 
 
+# The predictions computed on the steps between full guidance steps (``guidance_every`` > 1); the others are
+# rebuilt from the offsets of the last full step.
+_REUSED_BRANCHES = {
+    "all": {mode: ("c",) for mode in _BRANCHES},
+    "context": {mode: ("c", "t") if "t" in b else ("c",) for mode, b in _BRANCHES.items()},
+}
+
+
+def reuse_guidance(
+    eps: dict[str, torch.Tensor], branches: tuple[str, ...], offsets: dict[str, torch.Tensor], full: bool
+) -> dict[str, torch.Tensor]:
+    """Guidance-direction reuse (FasterCache, https://arxiv.org/abs/2410.19355, §CFG-Cache style).
+
+    The guidance directions (ε_c − ε_t, ε_t − ε_0) change slowly from step to step while ε_c itself follows
+    the latents. On a full step every prediction in ``branches`` was computed and the offsets ε_c − ε_b are
+    stored; on the steps in between only some were, and each missing one is rebuilt as
+    ε_b = ε_ref − (ε_ref − ε_b)_stored, with ε_ref = ε_t for ε_0 when ε_t was computed (only the context
+    direction reused), else ε_c. For ``cs_cfg`` with all directions reused this is
+    ε̂ = ε_c + (t_g − 1)·(ε_c − ε_t)_stored + c_g·(ε_t − ε_0)_stored: one forward instead of three.
+    """
+    if full:
+        offsets.clear()
+        for b in branches[1:]:
+            offsets[b] = eps["c"] - eps[b]
+        return eps
+    eps = dict(eps)
+    for b in branches[1:]:
+        if b in eps:
+            continue
+        if b == "0" and "t" in eps:
+            eps[b] = eps["t"] - (offsets["0"] - offsets["t"])  # (ε_t − ε_0)_stored = off_0 − off_t
+        else:
+            eps[b] = eps["c"] - offsets[b]
+    return eps
+
+
 def make_scheduler(name: str, shift: float, base_config: Any = None):
     """A flow-matching scheduler for sampling.
 
@@ -154,6 +190,9 @@ class PickStylePipeline(WanVACEPipeline):
         scheduler: str | None = None,
         shift: float | None = None,
         cache_threshold: float | None = None,
+        cache_warmup: int = 1,
+        guidance_every: int = 1,
+        guidance_reuse: str = "all",
         conditioning_scale: float | list[float] = 1.0,
         apg_momentum: float = 0.75,
         apg_norm_threshold: float = 55.0,
@@ -184,7 +223,13 @@ class PickStylePipeline(WanVACEPipeline):
             batched: run the predictions of one step as one forward (batch 2-3); False = one by one.
             scheduler: ``unipc``/``dpmpp``/``euler`` (``None`` = the pipeline's own scheduler).
             shift: sampling shift (``None`` = the scheduler's own).
-            cache_threshold: step-cache threshold (``pickstyle.model.cache``); ``None`` = no cache installed.
+            cache_threshold: step-cache threshold (``pickstyle.model.cache``, rescaled by the backbone's
+                calibration when it has one); ``None`` = no cache installed.
+            cache_warmup: first steps the step cache always computes (retention steps).
+            guidance_every: k: compute all the guidance predictions every k-th step only (1 = every step);
+                in between, the guidance directions of the last full step are reused (``reuse_guidance``).
+            guidance_reuse: ``all`` (reuse steps compute ε_c only: text and context directions reused) or
+                ``context`` (reuse steps compute ε_c and ε_t: only the context direction ε_t − ε_0 reused).
             conditioning_scale: VACE hint scale (per layer or one float).
             apg_momentum, apg_norm_threshold: APG settings of ``cs_cfg_apg``.
             generator: draws the initial noise and then, every step, the null-context permutation.
@@ -222,6 +267,11 @@ class PickStylePipeline(WanVACEPipeline):
         if window_frames is not None and (window_frames < 1 or window_overlap < 0):
             raise ValueError(
                 f"need window_frames >= 1 and window_overlap >= 0, got {window_frames}, {window_overlap}"
+            )
+        if guidance_every < 1 or guidance_reuse not in _REUSED_BRANCHES:
+            raise ValueError(
+                f"need guidance_every >= 1 and guidance_reuse in {tuple(_REUSED_BRANCHES)}, got "
+                f"{guidance_every}, {guidance_reuse!r}"
             )
         if not 0 <= skip < num_inference_steps:
             raise ValueError(f"skip must be in [0, {num_inference_steps}), got {skip}")
@@ -322,18 +372,28 @@ class PickStylePipeline(WanVACEPipeline):
         # APG momentum is per window: each window's guidance directions have their own history.
         buffers = [(MomentumBuffer(apg_momentum), MomentumBuffer(apg_momentum)) for _ in windows]
 
+        # Guidance reuse: the offsets ε_c − ε_b of the last full step, per window (``guidance_every``).
+        offsets: list[dict[str, torch.Tensor]] = [{} for _ in windows]
+
         def guided(
-            x: torch.Tensor, ctx: torch.Tensor, t: torch.Tensor, window: int, cache: StepCache | None
+            x: torch.Tensor,
+            ctx: torch.Tensor,
+            t: torch.Tensor,
+            step: int,
+            window: int,
+            cache: StepCache | None,
         ) -> torch.Tensor:
             """The guided noise prediction of one window at step ``t`` (``[1, 16, f, h, w]``, float32)."""
+            full = step % guidance_every == 0
+            computed = branches if full else _REUSED_BRANCHES[guidance_reuse][guidance]
             # A fresh null context every step, drawn from the pipeline's generator (reproducible).
             contexts = {"c": ctx, "t": ctx}
-            if "0" in branches:
+            if "0" in computed:
                 contexts["0"] = permute_context(ctx, generator)
             eps = self._predict(
                 x.to(transformer_dtype),
                 t,
-                branches,
+                computed,
                 text_embeds,
                 contexts,
                 conditioning_scale,
@@ -343,6 +403,8 @@ class PickStylePipeline(WanVACEPipeline):
                 # the step cache keeps one state per window (its residuals are the window's)
                 suffix="" if len(windows) == 1 else f"@{window}",
             )
+            if guidance_every > 1:
+                eps = reuse_guidance(eps, branches, offsets[window], full)
             if guidance == "none":
                 return eps["c"]
             if guidance == "cfg":
@@ -369,25 +431,27 @@ class PickStylePipeline(WanVACEPipeline):
             cache: StepCache | None = None
             if cache_threshold is not None:
                 cache = stack.enter_context(
-                    step_cache(transformer, cache_threshold, num_steps=len(timesteps))
+                    step_cache(transformer, cache_threshold, warmup=cache_warmup, num_steps=len(timesteps))
                 )
             progress_bar = stack.enter_context(self.progress_bar(total=len(timesteps)))
-            for t in timesteps:
+            for step, t in enumerate(timesteps):
                 self._current_timestep = t
                 if len(windows) == 1:
-                    noise_pred = guided(latents, context, t, 0, cache)
+                    noise_pred = guided(latents, context, t, step, 0, cache)
                 else:
                     noise_pred = torch.zeros_like(latents)  # [1, 16, f, h, w]
                     weight = latents.new_zeros(num_latent_frames)
                     for i, (start, end) in enumerate(windows):
                         tent = window_weights(end - start).to(latents)
-                        pred = guided(latents[:, :, start:end], context[:, :, start:end], t, i, cache)
+                        pred = guided(latents[:, :, start:end], context[:, :, start:end], t, step, i, cache)
                         noise_pred[:, :, start:end] += pred * tent.view(1, 1, -1, 1, 1)
                         weight[start:end] += tent
                     noise_pred = noise_pred / weight.view(1, 1, -1, 1, 1)
                 latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
                 progress_bar.update()
             self.cache_stats = cache.stats() if cache is not None else {}
+            # (input change, residual change) pairs of consecutive computed steps: the cache's calibration data
+            self.cache_pairs = [p for state in cache.states.values() for p in state.pairs] if cache else []
         self._current_timestep = None
 
         # 7. Decode (the whole latent at once).

@@ -211,6 +211,50 @@ def test_long_clip_is_one_latent_in_windows(pipe):
     np.testing.assert_array_equal(again, out)  # one seed, one video (threshold 0 = no cache)
 
 
+def test_guidance_reuse_computes_the_extra_predictions_every_k_steps(pipe, video):
+    batches: list[int] = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        exact = run(pipe, video, guidance="cs_cfg", num_inference_steps=4)
+        batches.clear()
+        every2 = run(pipe, video, guidance="cs_cfg", num_inference_steps=4, guidance_every=2)
+        assert batches == [3, 1, 3, 1]  # CFG's price: 2 predictions per step on average
+        batches.clear()
+        context = run(
+            pipe, video, guidance="cs_cfg", num_inference_steps=4, guidance_every=2, guidance_reuse="context"
+        )
+        assert batches == [3, 2, 3, 2]
+    finally:
+        handle.remove()
+    for fast in (every2, context):
+        assert np.isfinite(fast).all() and 0 < np.abs(fast - exact).max() < np.abs(exact).max()
+    # no guidance (t_g = 1, c_g = 0) leaves only ε_c, whatever is reused
+    plain = run(pipe, video, guidance="none", num_inference_steps=4)
+    unguided = run(
+        pipe, video, guidance="cs_cfg", t_guide=1.0, c_guide=0.0, num_inference_steps=4, guidance_every=2
+    )
+    np.testing.assert_allclose(unguided, plain, atol=1e-4)
+
+
+def test_reuse_guidance_keeps_the_directions():
+    from pickstyle.model.guidance import cs_cfg
+    from pickstyle.model.pipeline import reuse_guidance
+
+    g = torch.Generator().manual_seed(0)
+    eps = {b: torch.randn(1, 2, 3, generator=g) for b in ("c", "t", "0")}
+    offsets: dict[str, torch.Tensor] = {}
+    assert reuse_guidance(eps, ("c", "t", "0"), offsets, full=True) is eps
+    new_c = torch.randn(1, 2, 3, generator=g)
+    rebuilt = reuse_guidance({"c": new_c}, ("c", "t", "0"), offsets, full=False)
+    expected = new_c + (5.0 - 1) * (eps["c"] - eps["t"]) + 4.0 * (eps["t"] - eps["0"])
+    torch.testing.assert_close(cs_cfg(rebuilt["c"], rebuilt["t"], rebuilt["0"], 5.0, 4.0), expected)
+    new_t = torch.randn(1, 2, 3, generator=g)
+    rebuilt = reuse_guidance({"c": new_c, "t": new_t}, ("c", "t", "0"), offsets, full=False)
+    torch.testing.assert_close(rebuilt["t"] - rebuilt["0"], eps["t"] - eps["0"])  # only the context direction
+
+
 def test_plan_windows_and_weights():
     from pickstyle.model.pipeline import plan_windows, window_weights
 
