@@ -362,9 +362,10 @@ class Sample(_Section):
     cache_threshold: float = 0.0
     #: First steps the step cache always computes (retention steps).
     cache_warmup: int = Field(default=1, ge=1)
-    #: Compute all guidance predictions every k-th step only; in between reuse the last full step's guidance
-    #: directions (1 = exact; 2 makes cs_cfg cost about what CFG does).
-    guidance_every: int = Field(default=1, ge=1)
+    #: CS-CFG modes: compute all three predictions every k-th step only; in between reuse the last full step's
+    #: guidance directions (1 = exact; 2, the default, makes cs_cfg cost what CFG does: bench/RESULTS.md
+    #: "sample"). cfg / cfg_joint always run exact.
+    guidance_every: int = Field(default=2, ge=1)
     #: What the steps in between reuse: ``all`` (compute ε_c only) or ``context`` (compute ε_c and ε_t).
     guidance_reuse: Literal["all", "context"] = "all"
     adapter_scale: float = 1.0

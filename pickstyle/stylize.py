@@ -103,7 +103,8 @@ def stylize_frames(
         shift=sample.shift,
         cache_threshold=sample.cache_threshold if sample.cache_threshold > 0 else None,
         cache_warmup=sample.cache_warmup,
-        guidance_every=sample.guidance_every,
+        # reuse is CS-CFG's speed-up: cfg and cfg_joint (evaluate's baselines) stay exact
+        guidance_every=sample.guidance_every if sample.guidance in ("cs_cfg", "cs_cfg_apg") else 1,
         guidance_reuse=sample.guidance_reuse,
         generator=generator,
         output_type="np",

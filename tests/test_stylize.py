@@ -210,3 +210,22 @@ def test_plan_windows_cover_every_frame():
         assert windows[0][0] == 0 and windows[-1][1] == total
         assert all(e - s == 9 for s, e in windows)
         assert all(b[0] <= a[1] - 4 for a, b in itertools.pairwise(windows))  # overlap >= 4
+
+
+def test_guidance_reuse_applies_to_cs_cfg_modes_only():
+    from types import SimpleNamespace
+
+    from pickstyle.config import Sample
+    from pickstyle.stylize import stylize_frames
+
+    seen = []
+
+    def pipe(frames, *args, **kw):
+        seen.append(kw["guidance_every"])
+        return SimpleNamespace(frames=[np.zeros((len(frames), 16, 16, 3), np.float32)])
+
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    for guidance in ("cs_cfg", "cs_cfg_apg", "cfg", "cfg_joint"):
+        stylize_frames(pipe, frames, PROMPT, Sample(guidance=guidance, guidance_every=2))
+    assert seen == [2, 2, 1, 1]  # cfg / cfg_joint (evaluate's baselines) stay exact
+    assert Sample().guidance_every == 2  # the default: bench/RESULTS.md "sample"

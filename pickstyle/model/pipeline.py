@@ -12,6 +12,10 @@ Guidance modes (``guidance=``), with ε_c = ε(x; text, C), ε_t = ε(x; ∅, C)
   * ``cs_cfg``      ε_t + t_g(ε_c − ε_t) + c_g(ε_t − ε_0) (3; PickStyle Eq. 16)
   * ``cs_cfg_apg``  ε_c + (t_g−1)APG(ε_c−ε_t) + (c_g−1)APG(ε_t−ε_0)   (3; the public code's default)
 
+Fast CS-CFG (``guidance_every=k``): all the predictions every k-th step only; in between ε_c alone (or ε_c and
+ε_t, ``guidance_reuse="context"``) and the last full step's guidance directions (``reuse_guidance``). With
+k = 2 CS-CFG runs 2 predictions per step on average, CFG's price (bench/RESULTS.md, "sample").
+
 Long videos (``window_frames=``): the whole video is VAE-encoded once and denoised as one latent; every step
 runs the guidance on each window of ``window_frames`` frames (overlapping by >= ``window_overlap``) and
 averages the windows' noise predictions with tent weights before one scheduler step on the whole latent
