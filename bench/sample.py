@@ -1,25 +1,25 @@
-"""Sampling speed: CS-CFG (batched, sequential, with the step cache) vs diffusers' stock WanVACEPipeline CFG.
+"""Sampling speed and quality: stock CFG vs exact CS-CFG vs the fast CS-CFG modes (guidance reuse, step cache).
 
-Same random-weight model, same video, same seed and scheduler (the backbone's UniPC) for every variant;
-one timed run each after one short warm-up run.
+Two models, the same variants, the same seed per clip:
 
-* **stock cfg**: ``diffusers.WanVACEPipeline`` with ``guidance_scale=5`` (two sequential forwards per step).
-* **cfg (ours)**: ``PickStylePipeline`` mode ``cfg``, the two predictions as one batch-2 forward.
-* **cs_cfg batched / sequential**: mode ``cs_cfg`` (three predictions: one batch-3 forward, or three).
-* **cs_cfg + cache τ**: batched, with the VACE step cache at threshold τ; "diff" is the decoded output's
-  max |Δ| and PSNR against ``cs_cfg batched`` without the cache, "reused" the steps served from the cache.
+* **tiny pretrained** (models/backbone, no adapter: the base model follows the style prompts it was pretrained
+  on) on held-out procedural test clips built in-process (pickstyle.data.scenes: the evaluate stage's kind),
+  whose exact ground truth (the built-in style filter per frame) gives the **style PSNR**; sampling as the
+  tiny profile's evaluate defaults (steps, DPM++ shift 16, t_g, c_g).
+* **wider random** (8 layers, dim 256, 4 VACE blocks, Wan's 8x/4x VAE, 2x2 patch; random weights, random
+  prompt embeddings) at 17 x 128 x 192 (480 tokens), 10 steps: speed, and PSNR against exact cs_cfg only (no ground truth means anything here).
 
-Per-step time = (end of the last scheduler step − start of the first transformer forward) / steps; "s/video"
-is the whole call (VAE encode + denoising + decode; no text encoder: prompt embeddings are given).
+Variants: **stock cfg** = mode ``cfg`` with two sequential forwards, bit-identical to diffusers'
+``WanVACEPipeline`` (tests/model/test_pipeline.py; diffusers' own pipeline cannot run the tiny backbone's 1x
+temporal VAE); ``cfg`` batch 2; exact ``cs_cfg`` batch 3; ``cs_cfg k=K`` (all guidance predictions every K-th
+step, the directions reused in between: ``guidance_every``), ``ctx k=K`` (only ε_t − ε_0 reused); ``cache τ``
+(the calibrated step cache, ``cache_warmup`` retention steps) and both combined.
 
-On CPU one thread by default (``--threads``) and times are the process's CPU seconds: on a shared
-machine wall time measures the neighbours (extra threads mostly spin-wait); on CUDA times are wall time.
+Times are the process's CPU seconds at one torch thread per video (VAE encode + denoising + decode; prompt
+embeddings precomputed), the mean over clips, after one warm-up call per model. ``--calibrate`` fits the step cache's TeaCache polynomial on
+uncached tiny runs and prints it (paste into ``pickstyle.model.cache.CALIBRATIONS``).
 
-Model: on CPU a small-but-not-tiny random config (8 layers, dim 256, 4 VACE blocks) at 17 x 128 x 192
-(480 tokens); on CUDA the Wan2.1-VACE 1.3B transformer config and Wan's VAE config, random weights, at
-81 x 480 x 832 (32,760 tokens), bf16 transformer / fp32 VAE, 20 steps, plus the peak GPU memory.
-
-    python bench/sample.py [--device auto] [--steps N] [--thresholds 0.1,0.2,0.3] [--threads 1] [--no-write]
+    python bench/sample.py [--clips 3] [--thresholds 0.1,0.2] [--calibrate] [--no-write]
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path when run as a script)
+from pickstyle.evaluation import psnr
+from results import write_section  # bench/results.py (bench/ is on sys.path when run as a script)
 
-from pickstyle.config import TinyBackbone
+from pickstyle.config import WAN_NEGATIVE_PROMPT, TinyBackbone, parse_params
 from pickstyle.model.pipeline import PickStylePipeline
 
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_SPEED, TARGET_LOSS = 1.15, 0.3
 
-def build_cpu_pipeline(folder: Path) -> PickStylePipeline:
+
+def build_wide_pipeline(folder: Path) -> PickStylePipeline:
     """A small random Wan2.1-VACE (via the tiny builder with bigger sizes), fp32 on CPU."""
     from pickstyle.model.components import build_tiny_backbone, load_pipeline
 
@@ -51,7 +55,10 @@ def build_cpu_pipeline(folder: Path) -> PickStylePipeline:
         ffn_dim=1024,
         text_dim=64,
         freq_dim=64,
+        patch_size=[1, 2, 2],
         vae_base_dim=8,
+        vae_dim_mult=[1, 2, 4, 4],  # Wan's 8x spatial, 4x temporal: 17 x 128 x 192 is 5 x 8 x 12 = 480 tokens
+        vae_temporal_downsample=[False, True, True],
         text_layers=1,
         text_heads=2,
         text_ffn_dim=64,
@@ -61,212 +68,251 @@ def build_cpu_pipeline(folder: Path) -> PickStylePipeline:
     return load_pipeline(folder, "cpu", pipeline_cls=PickStylePipeline)
 
 
-def build_cuda_pipeline() -> PickStylePipeline:
-    """The 1.3B transformer config and Wan's VAE config with random weights; no text encoder (embeddings given)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACETransformer3DModel
+def test_clips(count: int, frames: int, height: int, width: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """``(source, exact ground truth, caption)`` of held-out test scenes in styles the backbone was pretrained on."""
+    from pickstyle.data.clips import _settings
+    from pickstyle.data.scenes import _photos, draw_scene, render_scene
+    from pickstyle.data.styles import apply_style, style_caption_name
 
-    from pickstyle.model.components import real_config
+    params = parse_params({})
+    s = _settings(params)
+    descriptions = {pid: d for pid, d, _ in _photos()}
+    known = [x for x in params.pairs.styles if x not in params.pretrain.holdout_styles]
+    clips = []
+    for index in range(count):
+        spec = draw_scene(index, s)
+        spec["style"] = known[index % len(known)]
+        src = render_scene(spec, frames, height, width)
+        target = np.stack([apply_style(spec["style"], f) for f in src])
+        caption = f"{style_caption_name(spec['style'])} style. {descriptions[spec['background']]}"
+        clips.append((src, target, caption))
+    return clips
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        transformer = WanVACETransformer3DModel(**real_config("wan-1.3b")).to(torch.bfloat16)
-        vae = AutoencoderKLWan().to(torch.float32)  # the defaults are Wan2.1's VAE config
-    scheduler = UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+
+def variants(thresholds: list[float], warmup: int) -> list[tuple[str, dict]]:
+    rows = [
+        ("stock cfg (2 sequential)", {"guidance": "cfg", "batched": False}),
+        ("cfg (batch 2)", {"guidance": "cfg"}),
+        ("cs_cfg exact (batch 3)", {"guidance": "cs_cfg"}),
+        ("cs_cfg k=2", {"guidance": "cs_cfg", "guidance_every": 2}),
+        ("cs_cfg k=3", {"guidance": "cs_cfg", "guidance_every": 3}),
+        ("cs_cfg ctx k=2", {"guidance": "cs_cfg", "guidance_every": 2, "guidance_reuse": "context"}),
+    ]
+    for tau in thresholds:
+        cache = {"cache_threshold": tau, "cache_warmup": warmup}
+        rows.append((f"cs_cfg cache {tau:g}", {"guidance": "cs_cfg", **cache}))
+        rows.append((f"cs_cfg k=2 + cache {tau:g}", {"guidance": "cs_cfg", "guidance_every": 2, **cache}))
+    return rows
+
+
+def run_model(pipe, clips, embeds, settings: dict, rows: list[tuple[str, dict]]) -> dict[str, dict]:
+    """Per variant: mean s/video, mean style PSNR (when ground truth), mean PSNR vs exact cs_cfg, reuse counts."""
+    results: dict[str, dict] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
+    src, _, _ = clips[0]
+    pos, neg = embeds[0]
+    # warm-up (oneDNN primitives, allocator), so the first variant timed is not charged for it
+    pipe(
+        src,
+        None,
+        None,
+        height=src.shape[1],
+        width=src.shape[2],
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        num_inference_steps=2,
+        output_type="np",
     )
-    pipe = PickStylePipeline(
-        tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer
+    for name, kw in rows:
+        times, outs, reused = [], [], []
+        for (src, _, _), (pos, neg) in zip(clips, embeds, strict=True):
+            t0 = time.process_time()
+            out = pipe(
+                src,
+                None,
+                None,
+                height=src.shape[1],
+                width=src.shape[2],
+                prompt_embeds=pos,
+                negative_prompt_embeds=neg,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+                **settings,
+                **kw,
+            ).frames[0]
+            times.append(time.process_time() - t0)
+            outs.append((np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8))
+            stats = pipe.cache_stats if "cache_threshold" in kw else {}
+            reused.append(sum(s["reused"] for s in stats.values()))
+            calls = sum(s["reused"] + s["computed"] for s in stats.values())
+        outputs[name] = outs
+        results[name] = {
+            "s": float(np.mean(times)),
+            "reused": f"{np.mean(reused):.1f}/{calls}" if calls else "",
+        }
+        if clips[0][1] is not None:
+            results[name]["style"] = float(np.mean([psnr(o, c[1]) for o, c in zip(outs, clips, strict=True)]))
+        print(
+            f"  {name:28s} {results[name]['s']:7.2f} s/video  {results[name].get('style', float('nan')):6.2f} dB"
+        )
+    exact = outputs["cs_cfg exact (batch 3)"]
+    for name in results:
+        results[name]["vs_exact"] = float(
+            np.mean([psnr(a, b) for a, b in zip(outputs[name], exact, strict=True)])
+        )
+    return results
+
+
+def calibrate(pipe, clips, embeds, settings: dict) -> list[float]:
+    """Fit TeaCache's rescaling polynomial: input change → residual change, on uncached runs (threshold 0)."""
+    pairs: list[tuple[float, float]] = []
+    for steps in (settings["num_inference_steps"], 20):
+        for (src, _, _), (pos, neg) in zip(clips, embeds, strict=True):
+            pipe(
+                src,
+                None,
+                None,
+                height=src.shape[1],
+                width=src.shape[2],
+                prompt_embeds=pos,
+                negative_prompt_embeds=neg,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+                guidance="cs_cfg",
+                cache_threshold=0.0,
+                **{**settings, "num_inference_steps": steps},
+            )
+            pairs += pipe.cache_pairs
+    x, y = np.array(pairs).T
+    # degree 1: TeaCache fits degree 4, but a quartic fitted on ~80 points turns negative just outside their
+    # range (a huge input change would then look like none); a line stays monotone
+    coefficients = np.polyfit(x, y, 1)
+    fit = np.polyval(coefficients, x)
+    r2 = 1 - np.sum((y - fit) ** 2) / np.sum((y - y.mean()) ** 2)
+    print(
+        f"calibration: {len(x)} step pairs, x in [{x.min():.4f}, {x.max():.4f}], y in [{y.min():.4f}, {y.max():.4f}]"
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    print(f"  polynomial (degree 1, R^2 {r2:.3f}): {[float(f'{c:.6e}') for c in coefficients]}")
+    return [float(c) for c in coefficients]
 
 
-def clock(cuda: bool):
-    """Wall time on CUDA; on CPU the process's CPU time (one thread: the work done, whatever else runs)."""
-    return time.perf_counter if cuda else time.process_time
-
-
-class StepTimer:
-    """Times the denoising loop through a transformer pre-hook and a wrapper around ``scheduler.step``."""
-
-    def __init__(self, pipe, cuda: bool) -> None:
-        self.cuda, self.start, self.ends = cuda, None, []
-        self.clock = clock(cuda)
-        self._hook = pipe.transformer.register_forward_pre_hook(self._pre)
-        original = pipe.scheduler.step
-
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self._sync()
-            self.ends.append(self.clock())
-            return out
-
-        pipe.scheduler.step = step
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def _pre(self, *_):
-        if self.start is None:
-            self._sync()
-            self.start = self.clock()
-
-    def reset(self) -> None:
-        self.start, self.ends = None, []
-
-    def per_step(self) -> float:
-        return (self.ends[-1] - self.start) / len(self.ends)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+def table(results: dict[str, dict], ground_truth: bool) -> list[str]:
+    stock = results["stock cfg (2 sequential)"]["s"]
+    exact = results["cs_cfg exact (batch 3)"]
+    head = "| variant | s/video | × stock cfg | reused steps |"
+    head += " style PSNR dB | Δ vs exact cs_cfg |" if ground_truth else ""
+    head += " PSNR vs exact cs_cfg dB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        row = f"| {name} | {r['s']:.2f} | {r['s'] / stock:.2f} | {r['reused']} |"
+        if ground_truth:
+            row += f" {r['style']:.2f} | {r['style'] - exact['style']:+.2f} |"
+        row += f" {r['vs_exact']:.1f} |"
+        lines.append(row)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: CPU 10, CUDA 20)")
-    parser.add_argument("--thresholds", default="0.1,0.2,0.3", help="step-cache thresholds to measure")
+    parser.add_argument("--clips", type=int, default=3, help="tiny test clips (one seed each)")
+    parser.add_argument("--thresholds", default="1.0,2.0", help="step-cache thresholds (calibrated distance)")
+    parser.add_argument("--warmup", type=int, default=2, help="step-cache retention steps")
     parser.add_argument(
-        "--threads", type=int, default=1, help="CPU threads (default 1: stable timings on a shared machine)"
+        "--calibrate", action="store_true", help="fit the tiny backbone's cache polynomial and stop"
     )
+    parser.add_argument("--no-wide", action="store_true", help="skip the wider random config")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    from pickstyle.model.components import load_pipeline, prompt_length
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    if not cuda:
-        torch.set_num_threads(args.threads)
+    params = parse_params({})
+    profile, sample = params.active, params.evaluate.sample
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
-        if cuda:
-            pipe = build_cuda_pipeline()
-            frames, height, width, steps, text_len, text_dim = 81, 480, 832, args.steps or 20, 512, 4096
-            what = "Wan2.1-VACE 1.3B config, random weights, bf16 transformer / fp32 VAE"
-        else:
-            pipe = build_cpu_pipeline(Path(tmp) / "backbone")
-            frames, height, width, steps, text_len, text_dim = 17, 128, 192, args.steps or 10, 32, 64
-            what = "small random config: 8 layers, dim 256, 4 VACE blocks, fp32"
-        dtype = pipe.transformer.dtype
-        gen = torch.Generator().manual_seed(0)
-        embeds = torch.randn(1, text_len, text_dim, generator=gen).to(device, dtype)
-        negative = torch.randn(1, text_len, text_dim, generator=gen).to(device, dtype)
-        video = (np.random.default_rng(0).random((frames, height, width, 3)) * 255).astype(np.uint8)
-        stock = __import__("diffusers").WanVACEPipeline(**pipe.components)
-        stock.set_progress_bar_config(disable=True)
-        timer = StepTimer(pipe, cuda)  # both pipelines share the transformer and the scheduler
+    settings = {
+        "num_inference_steps": sample.steps,
+        "t_guide": sample.t_guide,
+        "c_guide": sample.c_guide,
+        "scheduler": sample.scheduler,
+        "shift": sample.shift,
+    }
+    pipe = load_pipeline(ROOT / "models" / "backbone", "cpu", pipeline_cls=PickStylePipeline)
+    pipe.set_progress_bar_config(disable=True)
+    clips = test_clips(args.clips, profile.frames, profile.height, profile.width)
+    negative = WAN_NEGATIVE_PROMPT if sample.negative_prompt is None else sample.negative_prompt
+    length = prompt_length(pipe)
+    embeds = [pipe.encode_prompt(c, negative, max_sequence_length=length, device="cpu") for *_, c in clips]
+    if args.calibrate:
+        calibrate(pipe, clips, embeds, settings)
+        return
 
-        def call_stock(n: int):
-            from PIL import Image
-
-            return stock(
-                video=[Image.fromarray(f) for f in video],
-                prompt_embeds=embeds,
-                negative_prompt_embeds=negative,
-                height=height,
-                width=width,
-                num_frames=frames,
-                num_inference_steps=n,
-                guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            ).frames[0]
-
-        def call_ours(n: int, **kw):
-            return pipe(
-                video,
-                None,
-                None,
-                height=height,
-                width=width,
-                num_inference_steps=n,
-                prompt_embeds=embeds,
-                negative_prompt_embeds=negative,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-                **kw,
-            ).frames[0]
-
-        variants: list[tuple[str, object]] = [
-            ("stock cfg (diffusers, 2 sequential)", lambda n: call_stock(n)),
-            ("cfg (ours, batch 2)", lambda n: call_ours(n, guidance="cfg")),
-            ("cs_cfg batched (batch 3)", lambda n: call_ours(n, guidance="cs_cfg")),
-            ("cs_cfg sequential (3 forwards)", lambda n: call_ours(n, guidance="cs_cfg", batched=False)),
-        ]
-        for tau in thresholds:
-            variants.append(
-                (
-                    f"cs_cfg batched + cache {tau:g}",
-                    lambda n, tau=tau: call_ours(n, guidance="cs_cfg", cache_threshold=tau),
-                )
+    print(f"tiny pretrained, {len(clips)} clips {profile.frames} x {profile.height} x {profile.width}:")
+    tiny = run_model(pipe, clips, embeds, settings, variants(thresholds, args.warmup))
+    wide = None
+    if not args.no_wide:
+        with tempfile.TemporaryDirectory() as tmp:
+            wpipe = build_wide_pipeline(Path(tmp) / "backbone")
+            wpipe.set_progress_bar_config(disable=True)
+            g = torch.Generator().manual_seed(0)
+            video = (np.random.default_rng(0).random((17, 128, 192, 3)) * 255).astype(np.uint8)
+            wembeds = [(torch.randn(1, 32, 64, generator=g), torch.randn(1, 32, 64, generator=g))]
+            wsettings = {**settings, "num_inference_steps": 10}
+            print("wider random config, 17 x 128 x 192:")
+            wide = run_model(
+                wpipe, [(video, None, "")], wembeds, wsettings, variants(thresholds, args.warmup)
             )
 
-        call_ours(2, guidance="cs_cfg")  # warm-up (kernels, allocator, oneDNN primitives)
-        call_stock(2)
-        rows, outputs = [], {}
-        for name, fn in variants:
-            timer.reset()
-            pipe.cache_stats = {}
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = timer.clock()
-            out = fn(steps)
-            if cuda:
-                torch.cuda.synchronize()
-            total = timer.clock() - t0
-            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            stats = next(iter(pipe.cache_stats.values()), None) if "cache" in name else None
-            outputs[name] = out
-            rows.append((name, timer.per_step(), total, peak, stats))
-            print(f"{name:38s} {timer.per_step():8.3f} s/step {total:8.2f} s/video", flush=True)
+    # The fast mode: the fastest guidance-reuse variant that loses at most TARGET_LOSS dB of style PSNR on the
+    # tiny pretrained backbone (when none does, the one that loses least). The step cache is left out of the
+    # choice: its calibration exists for the tiny backbone only, so it cannot be a default for every profile.
+    stock, exact = tiny["stock cfg (2 sequential)"], tiny["cs_cfg exact (batch 3)"]
+    fast_names = [n for n in tiny if n.startswith("cs_cfg") and "exact" not in n and "cache" not in n]
+    ok = [n for n in fast_names if exact["style"] - tiny[n]["style"] <= TARGET_LOSS]
+    best = min(ok, key=lambda n: tiny[n]["s"]) if ok else max(fast_names, key=lambda n: tiny[n]["style"])
+    speed, change = tiny[best]["s"] / stock["s"], tiny[best]["style"] - exact["style"]
+    meets = speed <= TARGET_SPEED and -change <= TARGET_LOSS
 
-    base_step = rows[0][1]
-    base_total = rows[0][2]
-    reference = outputs["cs_cfg batched (batch 3)"]
     lines = [
-        f"`python bench/sample.py{' --device cuda' if cuda else ''}` — {what}; {frames} x {height} x {width}, "
-        f"{steps} steps, UniPC, one run per variant after a warm-up; "
-        f"{'wall' if cuda else 'CPU (process, 1 thread)'} seconds. "
-        f"Device: {torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}"
-        + (
-            ""
-            if cuda
-            else f", threads: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} at the end"
-        )
-        + ".",
+        f"`python bench/sample.py` — CPU seconds per video at 1 torch thread (VAE encode + denoising + decode; "
+        f"prompt embeddings precomputed), mean over clips, seed 0. Sampling: {sample.scheduler} shift "
+        f"{sample.shift:g}, t_g {sample.t_guide:g}, c_g {sample.c_guide:g} (the tiny profile's evaluate "
+        f"defaults; c_g = t_g − 1 makes exact cs_cfg equal cfg_joint); cache retention {args.warmup} steps. "
+        f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end.",
         "",
-        "| variant | s/step | × stock | s/video | × stock | peak GiB | reused steps | max abs diff | PSNR dB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"**Tiny pretrained backbone** (models/backbone, no adapter), {len(clips)} held-out procedural test clips "
+        f"{profile.frames} x {profile.height} x {profile.width}, {sample.steps} steps; style PSNR to the exact "
+        "ground truth:",
+        "",
+        *table(tiny, True),
     ]
-    for name, per_step, total, peak, stats in rows:
-        diff = psnr_s = reused = ""
-        if "cache" in name:
-            d = np.abs(outputs[name] - reference)
-            diff, psnr_s = f"{float(d.max()):.4f}", f"{psnr(outputs[name], reference):.1f}"
-            reused = f"{stats['reused']}/{stats['reused'] + stats['computed']}" if stats else "0"
-        if name.startswith("cfg (ours"):
-            diff = f"{float(np.abs(outputs[name] - outputs[rows[0][0]]).max()):.2e} vs stock"
-        lines.append(
-            f"| {name} | {per_step:.3f} | {per_step / base_step:.2f} | {total:.2f} | {total / base_total:.2f} | "
-            f"{'' if np.isnan(peak) else f'{peak:.1f}'} | {reused} | {diff} | {psnr_s} |"
-        )
+    if wide is not None:
+        lines += [
+            "",
+            "**Wider random config** (8 layers, dim 256, 4 VACE blocks, 8x/4x VAE, 2x2 patch: 480 tokens; random weights), 17 x 128 x 192, 10 steps:",
+            "",
+            *table(wide, False),
+        ]
     lines += [
         "",
-        "Frames are in [0, 1]; diffs compare decoded frames with `cs_cfg batched` without the cache. Random",
-        "weights: the cache's reuse pattern (and so its speed-up) depends on how the trained model's modulated",
-        "input moves between steps, so re-measure thresholds on real weights before choosing one.",
+        f"Fast mode: **{best}** — {speed:.2f}x stock CFG per video, style PSNR {change:+.2f} dB vs exact cs_cfg "
+        f"(target <= {TARGET_SPEED}x and >= -{TARGET_LOSS} dB: {'met' if meets else 'not met'}).",
+    ]
+    lines += [
+        "",
+        "Step cache: thresholds are on the calibrated distance (`bench/sample.py --calibrate`, stored in "
+        "`pickstyle.model.cache.CALIBRATIONS`). On the tiny backbone reusing a residual costs 52–92% of the block "
+        "output whatever the input change (R² 0.24 for a line; a quartic turns negative outside the data), so each "
+        "step adds ~0.6–0.8 and threshold 1 reuses about every other step. The real backbones have no calibration "
+        "yet (raw distance), so the cache is not a default anywhere. Reused steps: mean per clip / calls.",
     ]
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_write:
         write_section("sample", text)
-        print(f"\nwrote the '## sample' section of {RESULTS}")
+    print(f"fast cs_cfg: {speed:.2f}x stock CFG per video, style PSNR change {change:+.2f} dB")
 
 
 if __name__ == "__main__":

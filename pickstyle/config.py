@@ -374,12 +374,20 @@ class Sample(_Section):
     negative_prompt: str | None = None
     #: Run the three CS-CFG predictions as one batch-3 forward (False = sequential, lower memory).
     batched: bool = True
-    #: Step-cache threshold (0 = no cache).
+    #: Step-cache threshold (0 = no cache), on the backbone's calibrated (TeaCache-rescaled) distance.
     cache_threshold: float = 0.0
+    #: First steps the step cache always computes (retention steps).
+    cache_warmup: int = Field(default=1, ge=1)
+    #: CS-CFG modes: compute all three predictions every k-th step only; in between reuse the last full step's
+    #: guidance directions (1 = exact; 2, the default, makes cs_cfg cost what CFG does: bench/RESULTS.md
+    #: "sample"). cfg / cfg_joint always run exact.
+    guidance_every: int = Field(default=2, ge=1)
+    #: What the steps in between reuse: ``all`` (compute ε_c only) or ``context`` (compute ε_c and ε_t).
+    guidance_reuse: Literal["all", "context"] = "all"
     adapter_scale: float = 1.0
     device: str = "auto"
-    #: Videos longer than one clip: consecutive windows share at least this many frames, cross-faded
-    #: linearly (added by the stylize helper).
+    #: Videos longer than one clip are denoised as one latent in windows of the clip length; consecutive
+    #: windows share at least this many frames, their noise predictions averaged every step.
     window_overlap: int = Field(default=4, ge=0)
 
     # A NaN scale or zero steps would "work" and write a garbage video: reject them, naming the field, in the

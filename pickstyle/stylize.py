@@ -10,13 +10,11 @@ What happens to the input, in order:
    off the result again.
 3. Time: a video of at most ``frames`` (the profile's clip length, 4n+1) frames is one window, padded to the
    next 4n+1 length by repeating its last frame (the padding is dropped afterwards). A longer one is either
-   cut to its first ``frames`` frames with a warning (``on_long="cut"``) or processed in windows of
-   ``frames`` frames (``on_long="windows"``): consecutive windows share at least ``sample.window_overlap``
-   frames (starts spread evenly, so the last window ends on the last frame and no padding is needed) and
-   are joined by a linear cross-fade: each window weighs its frames with a tent ``min(p + 1, L - p)`` and
-   every output frame is the weighted mean of the windows that cover it, so a frame seen by one window is
-   exactly that window's frame and overlaps fade from one window to the next. Every window uses the same
-   seed (the same noise), which keeps the style of consecutive windows alike.
+   cut to its first ``frames`` frames with a warning (``on_long="cut"``) or stylized whole
+   (``on_long="windows"``): padded to 4n+1 the same way, VAE-encoded once and denoised as one latent whose
+   overlapping windows of ``frames`` frames (sharing at least ``sample.window_overlap`` frames) are all
+   denoised at every step and averaged where they overlap (``PickStylePipeline(window_frames=...)``). One
+   seed, one noise draw, one decode: no pixel cross-fade and no seams between windows.
    Before that, frames are resampled (nearest frame) to the profile's fps, the rate whose motion per frame the
    model was trained on, and the result back to the output fps (the source's unless ``fps`` is given), so the
    output keeps the source's duration. A portrait input gets the profile's size turned to portrait
@@ -40,7 +38,6 @@ import torch
 
 from pickstyle.config import Params, Sample
 from pickstyle.errors import PickstyleError
-from pickstyle.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +58,9 @@ def stylize_frames(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
+    window_frames: int | None = None,
 ) -> np.ndarray:
-    """Stylize one window of frames already fitted to the model's size.
+    """Stylize frames already fitted to the model's size (one window, or one latent in windows).
 
     Args:
         pipe: a ``PickStylePipeline`` (adapter loaded or not).
@@ -71,6 +69,8 @@ def stylize_frames(
         sample: sampling settings (guidance, scales, steps, skip, scheduler, cache, ...).
         seed: seeds the noise and the null-context permutations (a CPU generator: same result on any device).
         height, width: the frame size passed to the pipeline (default: the frames' own size; they must agree).
+        window_frames: frames per denoising window (the profile's clip length); ``None`` = all frames in one
+            window. Longer inputs are denoised as one latent in windows overlapping by ``sample.window_overlap``.
 
     Returns:
         ``np.uint8 [T, H, W, 3]``.
@@ -102,8 +102,14 @@ def stylize_frames(
         scheduler=sample.scheduler,
         shift=sample.shift,
         cache_threshold=sample.cache_threshold if sample.cache_threshold > 0 else None,
+        cache_warmup=sample.cache_warmup,
+        # reuse is CS-CFG's speed-up: cfg and cfg_joint (evaluate's baselines) stay exact
+        guidance_every=sample.guidance_every if sample.guidance in ("cs_cfg", "cs_cfg_apg") else 1,
+        guidance_reuse=sample.guidance_reuse,
         generator=generator,
         output_type="np",
+        window_frames=window_frames,
+        window_overlap=sample.window_overlap,
     ).frames[0]  # float [T, H, W, 3] in [0, 1]
     return (np.clip(out[:count], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -140,35 +146,6 @@ def oriented_size(path: Path, height: int, width: int, orientation: str) -> tupl
     if (h > w) != (height > width) and h != w:
         return width, height
     return height, width
-
-
-def plan_windows(total: int, length: int, overlap: int) -> list[tuple[int, int]]:
-    """``[start, end)`` of the windows covering ``total`` frames with ``length``-frame windows.
-
-    Consecutive windows share at least ``overlap`` frames (clamped to ``length - 1``); starts are spread
-    evenly so the first window starts at 0 and the last ends at ``total``.
-    """
-    if total <= length:
-        return [(0, total)]
-    overlap = min(max(overlap, 0), length - 1)
-    count = math.ceil((total - overlap) / (length - overlap))
-    count = max(count, 2)
-    starts = np.round(np.linspace(0, total - length, count)).astype(int)
-    return [(int(s), int(s) + length) for s in starts]
-
-
-def blend_windows(windows: list[tuple[tuple[int, int], np.ndarray]], total: int) -> np.ndarray:
-    """Join stylized windows: per-frame weighted mean with tent weights (a linear cross-fade in overlaps)."""
-    first = windows[0][1]
-    acc = np.zeros((total, *first.shape[1:]), np.float64)
-    weight = np.zeros(total, np.float64)
-    for (start, end), frames in windows:
-        n = end - start
-        p = np.arange(n)
-        tent = np.minimum(p + 1, n - p).astype(np.float64)
-        acc[start:end] += frames.astype(np.float64) * tent[:, None, None, None]
-        weight[start:end] += tent
-    return np.clip(np.round(acc / weight[:, None, None, None]), 0, 255).astype(np.uint8)
 
 
 def _fit(frames: np.ndarray, height: int, width: int, fit: str) -> tuple[np.ndarray, tuple[slice, slice]]:
@@ -256,7 +233,7 @@ def stylize_file(
         fit: ``crop`` (resize to cover + centre crop) or ``pad`` (letterbox, cut off again afterwards).
         seed: noise and null-context seed.
         max_frames: read at most this many input frames.
-        on_long: ``windows`` (cross-faded windows) or ``cut`` (first clip only, with a warning).
+        on_long: ``windows`` (one latent denoised in overlapping windows) or ``cut`` (first clip only, with a warning).
         orientation: ``auto`` turns the profile's size to portrait for a portrait input; ``profile`` keeps it.
         fps: output frame rate (default: the source's). The model always sees the profile's fps (the motion
             per frame it was trained on); the output keeps the source's duration.
@@ -351,20 +328,20 @@ def render_fitted(
     model_fps: float | None = None,
     out_fps: float | None = None,
 ) -> Path:
-    """Stylize frames already fitted to the model size (:func:`read_fitted`) in windows and write the mp4.
+    """Stylize frames already fitted to the model size (:func:`read_fitted`) and write the mp4.
 
     Shared by :func:`stylize_file` and the registered MLflow model, which keeps its pipeline loaded.
 
     Args:
         pipe: a loaded :class:`~pickstyle.model.pipeline.PickStylePipeline` (adapter, if any, already set).
         fitted: uint8 ``[T, H, W, 3]`` at the model size.
-        fps: output frame rate (the source's).
+        fps: the source's frame rate.
         region: the rows/columns of real content (``pad`` letterbox bars are cut off again).
         output: the mp4 to write (atomically).
         prompt: the style prompt.
         sample: sampling settings.
-        seed: noise and null-context seed (the same for every window).
-        length: frames per window (the profile's clip length, 4n+1).
+        seed: noise and null-context seed (one noise draw for the whole video).
+        length: frames per denoising window (the profile's clip length, 4n+1).
         side_by_side: write source | result.
         model_fps: the frame rate the model sees (the profile's; ``None`` = ``fps``): frames are resampled to it
             and back, so a 30 fps input moves per frame as the 16 fps training clips did.
@@ -379,13 +356,7 @@ def render_fitted(
     fitted = resample_frames(fitted, fps, model_fps) if model_fps else fitted
     show = sys.stderr.isatty()
     pipe.set_progress_bar_config(disable=not show, desc="steps", leave=False)
-    windows = plan_windows(len(fitted), length, sample.window_overlap)
-    results = []
-    for start, end in progress(windows, desc="windows", unit="window", disable=len(windows) == 1):
-        results.append(
-            ((start, end), stylize_frames(pipe, fitted[start:end], prompt, sample, seed, height, width))
-        )
-    styled = results[0][1] if len(results) == 1 else blend_windows(results, len(fitted))
+    styled = stylize_frames(pipe, fitted, prompt, sample, seed, height, width, window_frames=length)
     styled = resample_frames(styled, model_fps or fps, out_fps, out_count)
 
     rows, cols = region

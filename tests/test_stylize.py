@@ -11,7 +11,8 @@ import pytest
 
 from pickstyle.cli import main
 from pickstyle.data.video import read_video, write_video
-from pickstyle.stylize import blend_windows, plan_windows, resample_frames
+from pickstyle.model.pipeline import plan_windows
+from pickstyle.stylize import resample_frames
 
 WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"
 PROMPT = "anime style. a wolf in the snow"
@@ -99,12 +100,31 @@ def test_missing_adapter_fails_cleanly(tmp_path, models_dir, capsys):
 
 
 def test_long_clip_in_windows_keeps_fps_and_frame_count(tmp_path, models_dir):
-    src = _clip(tmp_path / "in.mov", 12, 40, 60, 12.0)  # > 9 frames: two cross-faded windows
+    src = _clip(tmp_path / "in.mov", 12, 40, 60, 12.0)  # > 9 frames: one latent denoised in two windows
     out = tmp_path / "result.mp4"
     assert _stylize(src, out, models_dir) == 0
     frames, fps = read_video(out)
     assert frames.shape == (12, 64, 96, 3)
     assert fps == pytest.approx(12.0)
+
+
+def test_long_video_is_one_latent_denoised_in_windows(tmp_path, models_dir, monkeypatch):
+    from pickstyle.model.pipeline import PickStylePipeline
+
+    calls, real = [], PickStylePipeline.__call__
+
+    def spy(self, video, *args, **kw):
+        calls.append((len(video), kw["window_frames"], kw["window_overlap"]))
+        return real(self, video, *args, **kw)
+
+    monkeypatch.setattr(PickStylePipeline, "__call__", spy)
+    src = _clip(tmp_path / "in.mp4", 22, 40, 60, 8.0)  # the profile's 8 fps: 22 model frames, > 9
+    out = tmp_path / "long.mp4"
+    assert _stylize(src, out, models_dir) == 0
+    assert calls == [(25, 9, 4)]  # one call for the whole video (padded to 4n+1), 9-frame windows
+    frames, fps = read_video(out)
+    assert frames.shape == (22, 64, 96, 3) and fps == pytest.approx(8.0)
+    assert all(f.std() > 0 for f in frames)  # every frame rendered
 
 
 def test_side_by_side_short_clip(tmp_path, models_dir):
@@ -192,10 +212,20 @@ def test_plan_windows_cover_every_frame():
         assert all(b[0] <= a[1] - 4 for a, b in itertools.pairwise(windows))  # overlap >= 4
 
 
-def test_blend_windows_crossfades_linearly():
-    a = np.zeros((9, 2, 2, 3), np.uint8)
-    b = np.full((9, 2, 2, 3), 200, np.uint8)
-    out = blend_windows([((0, 9), a), ((5, 14), b)], 14)
-    values = out[:, 0, 0, 0].astype(int)
-    assert (values[:5] == 0).all() and (values[9:] == 200).all()  # frames seen by one window: unchanged
-    assert list(values[5:9]) == sorted(values[5:9]) and 0 < values[5] < values[8] < 200  # a monotone fade
+def test_guidance_reuse_applies_to_cs_cfg_modes_only():
+    from types import SimpleNamespace
+
+    from pickstyle.config import Sample
+    from pickstyle.stylize import stylize_frames
+
+    seen = []
+
+    def pipe(frames, *args, **kw):
+        seen.append(kw["guidance_every"])
+        return SimpleNamespace(frames=[np.zeros((len(frames), 16, 16, 3), np.float32)])
+
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    for guidance in ("cs_cfg", "cs_cfg_apg", "cfg", "cfg_joint"):
+        stylize_frames(pipe, frames, PROMPT, Sample(guidance=guidance, guidance_every=2))
+    assert seen == [2, 2, 1, 1]  # cfg / cfg_joint (evaluate's baselines) stay exact
+    assert Sample().guidance_every == 2  # the default: bench/RESULTS.md "sample"

@@ -12,12 +12,13 @@ and on a cached step the forward is patch embedding → ``+ residual`` → ``nor
 
 Decision rule (per branch, one call per denoising step): the "modulated input" is the first main block's
 AdaLN-modulated input ``norm1(x)·(1 + scale) + shift`` (it moves with both the latents and the timestep);
-its relative L1 change from the previous step is accumulated and, while the sum stays *strictly* below
-``threshold``, the stored residual is reused; otherwise the step is computed and the sum resets. So
-``threshold = 0`` never reuses anything and gives exactly the uncached output. The first ``warmup`` steps
-and the last step are always computed. Unlike TeaCache we apply no model-specific polynomial rescaling of
-the distance (its coefficients are fitted per model), so thresholds are not TeaCache's numbers; see
-``bench/RESULTS.md`` for speed and output difference per threshold.
+its relative L1 change from the previous step, rescaled as in TeaCache by a polynomial fitted per model
+(``CALIBRATIONS``: relative L1 change of the input → relative L1 error of reusing the residual, clamped at
+0), is accumulated and, while the sum stays *strictly* below ``threshold``, the stored residual is reused;
+otherwise the step is computed and the sum resets. So ``threshold = 0`` never reuses anything and gives
+exactly the uncached output. The first ``warmup`` steps (TeaCache's retention steps) and the last step are
+always computed. A model without a calibration uses the raw distance (thresholds then mean little); see
+``bench/RESULTS.md`` for speed and quality per threshold and ``bench/sample.py --calibrate`` for the fit.
 
 Each guidance branch keeps its own state (``with cache.branch("cond"):``); a batched CS-CFG forward is one
 branch whose batch holds all three predictions, and they share the reuse decision (the latents and
@@ -32,8 +33,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.utils.peft_utils import apply_lora_scale
+
+#: TeaCache rescaling polynomials (numpy.polyval order, highest power first) per backbone, keyed by
+#: :func:`calibration_key`. Fitted by ``python bench/sample.py --calibrate`` on uncached runs of the tiny
+#: pretrained backbone (models/backbone): x = relative L1 change of the modulated input between steps,
+#: y = the relative L1 error of reusing the previous step's residual, |Δ residual|₁ / |block output|₁.
+#: None yet for the real Wan backbones.
+CALIBRATIONS: dict[str, list[float]] = {
+    # the tiny pretrained backbone: 78 step pairs (3 test clips, 8 and 20 DPM++ steps, cs_cfg), x in
+    # [0.017, 0.49], y in [0.52, 0.92], R^2 0.24: reusing a residual costs >= ~50% of the output on this
+    # backbone whatever the input change, so the rescaled distance is ~0.6-0.8 per step
+    "4x128-vace4": [0.3908298, 0.6315786],
+}
+
+
+def calibration_key(transformer: Any) -> str:
+    """The sizes that identify a backbone's calibration: ``layers x dim, vace layers``."""
+    c = transformer.config
+    return f"{c.num_layers}x{c.num_attention_heads * c.attention_head_dim}-vace{len(c.vace_layers)}"
+
+
+def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L1 change from ``b`` to ``a``, the most-changed sample of the batch."""
+    dims = list(range(1, a.ndim))
+    return float(((a - b).abs().mean(dims) / b.abs().mean(dims).clamp_min(1e-12)).max())
 
 
 @dataclass
@@ -41,25 +67,36 @@ class _BranchState:
     previous_modulated: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     accumulated: float = 0.0
+    last_distance: float | None = None
     calls: int = 0
     computed: int = 0
     reused: int = 0
     distances: list[float] = field(default_factory=list)
+    #: (input change, residual change) of consecutive computed steps: the calibration data.
+    pairs: list[tuple[float, float]] = field(default_factory=list)
 
 
 class StepCache:
     """Per-branch cache state and the reuse rule; installed on a transformer by ``step_cache``.
 
     Args:
-        threshold: reuse while the accumulated relative L1 change stays below this (0 = never reuse).
-        warmup: first steps of each branch that are always computed.
+        threshold: reuse while the accumulated (rescaled) change stays below this (0 = never reuse).
+        warmup: first steps of each branch that are always computed (retention steps; at least 1).
         num_steps: steps of the run (the last one is always computed); ``None`` = unknown.
+        coefficients: the rescaling polynomial (``numpy.polyval`` order); ``None`` = the raw distance.
     """
 
-    def __init__(self, threshold: float, warmup: int = 1, num_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        warmup: int = 1,
+        num_steps: int | None = None,
+        coefficients: list[float] | None = None,
+    ) -> None:
         if threshold < 0:
             raise ValueError(f"cache threshold must be >= 0, got {threshold}")
         self.threshold = threshold
+        self.coefficients = coefficients
         self.warmup = max(1, warmup)
         self.num_steps = num_steps
         self.states: dict[str, _BranchState] = {}
@@ -97,11 +134,15 @@ class StepCache:
             or state.residual is None
             or state.residual.shape != residual_shape
         )
-        if not forced:
-            dims = list(range(1, modulated.ndim))
+        state.last_distance = None
+        if previous is not None and previous.shape == modulated.shape:
             # Relative L1 per sample; the batch shares one decision, so the most-changed sample decides.
-            rel = (modulated - previous).abs().mean(dims) / previous.abs().mean(dims).clamp_min(1e-12)
-            distance = float(rel.max())
+            state.last_distance = _rel_l1(modulated, previous)
+        if not forced:
+            distance = state.last_distance
+            if self.coefficients is not None:
+                # never negative: a fitted polynomial may dip below 0, and threshold 0 must mean "no cache"
+                distance = max(0.0, float(np.polyval(self.coefficients, distance)))
             state.distances.append(distance)
             state.accumulated += distance
             if state.accumulated < self.threshold:
@@ -111,9 +152,24 @@ class StepCache:
         state.computed += 1
         return False
 
-    def store(self, residual: torch.Tensor) -> None:
-        """Keep the residual of a fully computed step for the current branch."""
-        self.states[self._branch].residual = residual
+    def store(self, residual: torch.Tensor, output: torch.Tensor | None = None) -> None:
+        """Keep the residual of a fully computed step for the current branch.
+
+        With ``output`` (the block stack's output), record the calibration pair: the input change and the
+        error reusing the previous residual would have made, |Δ residual|₁ / |output|₁.
+        """
+        state = self.states[self._branch]
+        previous = state.residual
+        if (
+            output is not None
+            and state.last_distance is not None
+            and previous is not None
+            and previous.shape == residual.shape
+        ):
+            dims = list(range(1, output.ndim))
+            error = (residual - previous).abs().mean(dims) / output.abs().mean(dims).clamp_min(1e-12)
+            state.pairs.append((state.last_distance, float(error.max())))
+        state.residual = residual
 
 
 @apply_lora_scale("attention_kwargs")
@@ -199,7 +255,7 @@ def _cached_forward(
             if i in config.vace_layers:
                 control_hint, scale = hints.pop()
                 hidden_states = hidden_states + control_hint.to(hidden_states.device) * scale
-        cache.store(hidden_states - block_input)
+        cache.store(hidden_states - block_input, hidden_states)
 
     shift, scale = (transformer.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
     shift = shift.to(hidden_states.device)
@@ -218,7 +274,11 @@ def _cached_forward(
 
 @contextlib.contextmanager
 def step_cache(
-    transformer: torch.nn.Module, threshold: float, warmup: int = 1, num_steps: int | None = None
+    transformer: torch.nn.Module,
+    threshold: float,
+    warmup: int = 1,
+    num_steps: int | None = None,
+    coefficients: list[float] | None | str = "auto",
 ) -> Iterator[StepCache]:
     """Install a ``StepCache`` on ``transformer`` for the duration of the block; diffusers is not modified.
 
@@ -230,8 +290,12 @@ def step_cache(
         threshold: see ``StepCache``; 0 computes every step (identical to no cache).
         warmup: first steps per branch that are always computed.
         num_steps: steps of the run, so the last one is always computed.
+        coefficients: the rescaling polynomial; ``"auto"`` = ``CALIBRATIONS`` for this transformer's sizes
+            (the raw distance when there is none); ``None`` = the raw distance.
     """
-    cache = StepCache(threshold, warmup=warmup, num_steps=num_steps)
+    if coefficients == "auto":
+        coefficients = CALIBRATIONS.get(calibration_key(transformer))
+    cache = StepCache(threshold, warmup=warmup, num_steps=num_steps, coefficients=coefficients)
     attr = (
         "_old_forward"
         if hasattr(transformer, "_hf_hook") and hasattr(transformer, "_old_forward")

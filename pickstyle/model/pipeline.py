@@ -11,11 +11,23 @@ Guidance modes (``guidance=``), with ε_c = ε(x; text, C), ε_t = ε(x; ∅, C)
   * ``cfg_joint``   ε_0 + t_g(ε_c − ε_0)                  (2; text and context dropped together)
   * ``cs_cfg``      ε_t + t_g(ε_c − ε_t) + c_g(ε_t − ε_0) (3; PickStyle Eq. 16)
   * ``cs_cfg_apg``  ε_c + (t_g−1)APG(ε_c−ε_t) + (c_g−1)APG(ε_t−ε_0)   (3; the public code's default)
+
+Fast CS-CFG (``guidance_every=k``): all the predictions every k-th step only; in between ε_c alone (or ε_c and
+ε_t, ``guidance_reuse="context"``) and the last full step's guidance directions (``reuse_guidance``). With
+k = 2 CS-CFG runs 2 predictions per step on average, CFG's price (bench/RESULTS.md, "sample").
+
+Long videos (``window_frames=``): the whole video is VAE-encoded once and denoised as one latent; every step
+runs the guidance on each window of ``window_frames`` frames (overlapping by >= ``window_overlap``) and
+averages the windows' noise predictions with tent weights before one scheduler step on the whole latent
+(MultiDiffusion, https://arxiv.org/abs/2302.08113; FreeNoise, https://arxiv.org/abs/2310.15169). One noise
+draw, one decode: no pixel cross-fade, no seam. Wan's VAE is causal in time, so with a 4x temporal VAE a
+window that starts mid-video sees a first latent frame that stands for 4 frames, not 1 as in training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -44,6 +56,42 @@ _BRANCHES = {
     "cs_cfg": ("c", "t", "0"),
     "cs_cfg_apg": ("c", "t", "0"),
 }
+
+
+# The predictions computed on the steps between full guidance steps (``guidance_every`` > 1); the others are
+# rebuilt from the offsets of the last full step.
+_REUSED_BRANCHES = {
+    "all": {mode: ("c",) for mode in _BRANCHES},
+    "context": {mode: ("c", "t") if "t" in b else ("c",) for mode, b in _BRANCHES.items()},
+}
+
+
+def reuse_guidance(
+    eps: dict[str, torch.Tensor], branches: tuple[str, ...], offsets: dict[str, torch.Tensor], full: bool
+) -> dict[str, torch.Tensor]:
+    """Guidance-direction reuse (FasterCache, https://arxiv.org/abs/2410.19355, §CFG-Cache style).
+
+    The guidance directions (ε_c − ε_t, ε_t − ε_0) change slowly from step to step while ε_c itself follows
+    the latents. On a full step every prediction in ``branches`` was computed and the offsets ε_c − ε_b are
+    stored; on the steps in between only some were, and each missing one is rebuilt as
+    ε_b = ε_ref − (ε_ref − ε_b)_stored, with ε_ref = ε_t for ε_0 when ε_t was computed (only the context
+    direction reused), else ε_c. For ``cs_cfg`` with all directions reused this is
+    ε̂ = ε_c + (t_g − 1)·(ε_c − ε_t)_stored + c_g·(ε_t − ε_0)_stored: one forward instead of three.
+    """
+    if full:
+        offsets.clear()
+        for b in branches[1:]:
+            offsets[b] = eps["c"] - eps[b]
+        return eps
+    eps = dict(eps)
+    for b in branches[1:]:
+        if b in eps:
+            continue
+        if b == "0" and "t" in eps:
+            eps[b] = eps["t"] - (offsets["0"] - offsets["t"])  # (ε_t − ε_0)_stored = off_0 − off_t
+        else:
+            eps[b] = eps["c"] - offsets[b]
+    return eps
 
 
 def make_scheduler(name: str, shift: float, base_config: Any = None):
@@ -75,6 +123,26 @@ def make_scheduler(name: str, shift: float, base_config: Any = None):
     if name == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
     raise ValueError(f"unknown scheduler {name!r}: expected one of {SCHEDULERS}")
+
+
+def plan_windows(total: int, length: int, overlap: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the windows covering ``total`` frames with ``length``-frame windows.
+
+    Consecutive windows share at least ``overlap`` frames (clamped to ``length - 1``); starts are spread
+    evenly so the first window starts at 0 and the last ends at ``total``.
+    """
+    if total <= length:
+        return [(0, total)]
+    overlap = min(max(overlap, 0), length - 1)
+    count = max(2, math.ceil((total - overlap) / (length - overlap)))
+    starts = np.round(np.linspace(0, total - length, count)).astype(int)
+    return [(int(s), int(s) + length) for s in starts]
+
+
+def window_weights(length: int) -> torch.Tensor:
+    """Tent weights ``min(p + 1, L - p)`` of a window's frames: overlaps fade linearly from one window to the next."""
+    p = torch.arange(length)
+    return torch.minimum(p + 1, length - p).float()
 
 
 def _scheduler_name(scheduler: Any) -> str:
@@ -126,6 +194,9 @@ class PickStylePipeline(WanVACEPipeline):
         scheduler: str | None = None,
         shift: float | None = None,
         cache_threshold: float | None = None,
+        cache_warmup: int = 1,
+        guidance_every: int = 1,
+        guidance_reuse: str = "all",
         conditioning_scale: float | list[float] = 1.0,
         apg_momentum: float = 0.75,
         apg_norm_threshold: float = 55.0,
@@ -137,6 +208,8 @@ class PickStylePipeline(WanVACEPipeline):
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         max_sequence_length: int | None = None,
+        window_frames: int | None = None,
+        window_overlap: int = 4,
     ) -> WanPipelineOutput | tuple:
         """Re-render ``video`` following ``prompt``.
 
@@ -154,7 +227,13 @@ class PickStylePipeline(WanVACEPipeline):
             batched: run the predictions of one step as one forward (batch 2-3); False = one by one.
             scheduler: ``unipc``/``dpmpp``/``euler`` (``None`` = the pipeline's own scheduler).
             shift: sampling shift (``None`` = the scheduler's own).
-            cache_threshold: step-cache threshold (``pickstyle.model.cache``); ``None`` = no cache installed.
+            cache_threshold: step-cache threshold (``pickstyle.model.cache``, rescaled by the backbone's
+                calibration when it has one); ``None`` = no cache installed.
+            cache_warmup: first steps the step cache always computes (retention steps).
+            guidance_every: k: compute all the guidance predictions every k-th step only (1 = every step);
+                in between, the guidance directions of the last full step are reused (``reuse_guidance``).
+            guidance_reuse: ``all`` (reuse steps compute ε_c only: text and context directions reused) or
+                ``context`` (reuse steps compute ε_c and ε_t: only the context direction ε_t − ε_0 reused).
             conditioning_scale: VACE hint scale (per layer or one float).
             apg_momentum, apg_norm_threshold: APG settings of ``cs_cfg_apg``.
             generator: draws the initial noise and then, every step, the null-context permutation.
@@ -165,6 +244,12 @@ class PickStylePipeline(WanVACEPipeline):
             attention_kwargs: passed to the transformer (``{"scale": s}`` scales LoRA layers).
             max_sequence_length: text tokens (must match what training used; default
                 :func:`~pickstyle.model.components.prompt_length`, as the latents stage pads to).
+            window_frames: frames per denoising window (the model's clip length, 4n+1); ``None`` = one window.
+                A longer video is denoised as one latent in overlapping windows of this many frames (in latent
+                frames: ``(window_frames - 1) // t + 1`` for the VAE's temporal factor t) whose noise
+                predictions are averaged with tent weights every step; each window gets the guidance, its own
+                null-context permutation and its own step-cache state.
+            window_overlap: frames that consecutive windows share at least (rounded up to latent frames).
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}: expected one of {GUIDANCE_MODES}")
@@ -182,6 +267,15 @@ class PickStylePipeline(WanVACEPipeline):
         if _frame_size(video[0]) != (height, width):
             raise ValueError(
                 f"video frames are {_frame_size(video[0])}, expected (height, width) = {(height, width)}"
+            )
+        if window_frames is not None and (window_frames < 1 or window_overlap < 0):
+            raise ValueError(
+                f"need window_frames >= 1 and window_overlap >= 0, got {window_frames}, {window_overlap}"
+            )
+        if guidance_every < 1 or guidance_reuse not in _REUSED_BRANCHES:
+            raise ValueError(
+                f"need guidance_every >= 1 and guidance_reuse in {tuple(_REUSED_BRANCHES)}, got "
+                f"{guidance_every}, {guidance_reuse!r}"
             )
         if not 0 <= skip < num_inference_steps:
             raise ValueError(f"skip must be in [0, {num_inference_steps}), got {skip}")
@@ -268,59 +362,103 @@ class PickStylePipeline(WanVACEPipeline):
             latents = (1 - sigma) * source_latents + sigma * latents
 
         text_embeds = {"c": prompt_embeds, "t": negative_prompt_embeds, "0": negative_prompt_embeds}
-        text_buffer, context_buffer = MomentumBuffer(apg_momentum), MomentumBuffer(apg_momentum)
 
-        # 5. Denoising loop.
+        # 5. Windows of latent frames. One window (the default) is the whole video. A video longer than the
+        # model's clip is still one latent (one VAE encode, one noise draw, one decode); every step denoises each
+        # window and averages their noise predictions where they overlap (MultiDiffusion, FreeNoise).
+        num_latent_frames = latents.shape[2]
+        windows = [(0, num_latent_frames)]
+        if window_frames is not None:
+            t_scale = self.vae_scale_factor_temporal
+            windows = plan_windows(
+                num_latent_frames, (window_frames - 1) // t_scale + 1, math.ceil(window_overlap / t_scale)
+            )
+        # APG momentum is per window: each window's guidance directions have their own history.
+        buffers = [(MomentumBuffer(apg_momentum), MomentumBuffer(apg_momentum)) for _ in windows]
+
+        # Guidance reuse: the offsets ε_c − ε_b of the last full step, per window (``guidance_every``).
+        offsets: list[dict[str, torch.Tensor]] = [{} for _ in windows]
+
+        def guided(
+            x: torch.Tensor,
+            ctx: torch.Tensor,
+            t: torch.Tensor,
+            step: int,
+            window: int,
+            cache: StepCache | None,
+        ) -> torch.Tensor:
+            """The guided noise prediction of one window at step ``t`` (``[1, 16, f, h, w]``, float32)."""
+            full = step % guidance_every == 0
+            computed = branches if full else _REUSED_BRANCHES[guidance_reuse][guidance]
+            # A fresh null context every step, drawn from the pipeline's generator (reproducible).
+            contexts = {"c": ctx, "t": ctx}
+            if "0" in computed:
+                contexts["0"] = permute_context(ctx, generator)
+            eps = self._predict(
+                x.to(transformer_dtype),
+                t,
+                computed,
+                text_embeds,
+                contexts,
+                conditioning_scale,
+                batched,
+                cache,
+                attention_kwargs,
+                # the step cache keeps one state per window (its residuals are the window's)
+                suffix="" if len(windows) == 1 else f"@{window}",
+            )
+            if guidance_every > 1:
+                eps = reuse_guidance(eps, branches, offsets[window], full)
+            if guidance == "none":
+                return eps["c"]
+            if guidance == "cfg":
+                return cfg(eps["c"], eps["t"], t_guide)
+            if guidance == "cfg_joint":
+                return cfg(eps["c"], eps["0"], t_guide)
+            if guidance == "cs_cfg":
+                return cs_cfg(eps["c"], eps["t"], eps["0"], t_guide, c_guide)
+            text_buffer, context_buffer = buffers[window]
+            return cs_cfg_apg(
+                eps["c"],
+                eps["t"],
+                eps["0"],
+                t_guide,
+                c_guide,
+                text_buffer,
+                context_buffer,
+                apg_norm_threshold,
+            )
+
+        # 6. Denoising loop.
         self._num_timesteps = len(timesteps)
         with contextlib.ExitStack() as stack:
             cache: StepCache | None = None
             if cache_threshold is not None:
                 cache = stack.enter_context(
-                    step_cache(transformer, cache_threshold, num_steps=len(timesteps))
+                    step_cache(transformer, cache_threshold, warmup=cache_warmup, num_steps=len(timesteps))
                 )
             progress_bar = stack.enter_context(self.progress_bar(total=len(timesteps)))
-            for t in timesteps:
+            for step, t in enumerate(timesteps):
                 self._current_timestep = t
-                # A fresh null context every step, drawn from the pipeline's generator (reproducible).
-                contexts = {"c": context, "t": context}
-                if "0" in branches:
-                    contexts["0"] = permute_context(context, generator)
-                eps = self._predict(
-                    latents.to(transformer_dtype),
-                    t,
-                    branches,
-                    text_embeds,
-                    contexts,
-                    conditioning_scale,
-                    batched,
-                    cache,
-                    attention_kwargs,
-                )
-                if guidance == "none":
-                    noise_pred = eps["c"]
-                elif guidance == "cfg":
-                    noise_pred = cfg(eps["c"], eps["t"], t_guide)
-                elif guidance == "cfg_joint":
-                    noise_pred = cfg(eps["c"], eps["0"], t_guide)
-                elif guidance == "cs_cfg":
-                    noise_pred = cs_cfg(eps["c"], eps["t"], eps["0"], t_guide, c_guide)
+                if len(windows) == 1:
+                    noise_pred = guided(latents, context, t, step, 0, cache)
                 else:
-                    noise_pred = cs_cfg_apg(
-                        eps["c"],
-                        eps["t"],
-                        eps["0"],
-                        t_guide,
-                        c_guide,
-                        text_buffer,
-                        context_buffer,
-                        apg_norm_threshold,
-                    )
+                    noise_pred = torch.zeros_like(latents)  # [1, 16, f, h, w]
+                    weight = latents.new_zeros(num_latent_frames)
+                    for i, (start, end) in enumerate(windows):
+                        tent = window_weights(end - start).to(latents)
+                        pred = guided(latents[:, :, start:end], context[:, :, start:end], t, step, i, cache)
+                        noise_pred[:, :, start:end] += pred * tent.view(1, 1, -1, 1, 1)
+                        weight[start:end] += tent
+                    noise_pred = noise_pred / weight.view(1, 1, -1, 1, 1)
                 latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
                 progress_bar.update()
             self.cache_stats = cache.stats() if cache is not None else {}
+            # (input change, residual change) pairs of consecutive computed steps: the cache's calibration data
+            self.cache_pairs = [p for state in cache.states.values() for p in state.pairs] if cache else []
         self._current_timestep = None
 
-        # 6. Decode.
+        # 7. Decode (the whole latent at once).
         if output_type == "latent":
             out = latents
         else:
@@ -349,6 +487,7 @@ class PickStylePipeline(WanVACEPipeline):
         batched: bool,
         cache: StepCache | None,
         attention_kwargs: dict[str, Any] | None,
+        suffix: str = "",
     ) -> dict[str, torch.Tensor]:
         """The noise predictions of one step, one forward of batch ``len(branches)`` or one per branch."""
         if batched and len(branches) > 1:
@@ -371,7 +510,7 @@ class PickStylePipeline(WanVACEPipeline):
                 "attention_kwargs": attention_kwargs,
                 "return_dict": False,
             }
-            key = "+".join(group)
+            key = "+".join(group) + suffix
             if cache is not None:
                 with cache.branch(key):
                     out = self.transformer(**kwargs)[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pickstyle.config import TinyBackbone
-from pickstyle.model.cache import StepCache, step_cache
+from pickstyle.model.cache import CALIBRATIONS, StepCache, calibration_key, step_cache
 from pickstyle.model.components import load_pipeline, tiny_latent_geometry
 from pickstyle.model.pipeline import PickStylePipeline
 
@@ -77,6 +77,10 @@ def test_threshold_zero_equals_no_cache(pipe, video):
     zero = run(cache_threshold=0.0)
     assert torch.equal(zero, plain)
     assert pipe.cache_stats == {"c+t+0": {"computed": 4, "reused": 0}}
+    # with guidance reuse too (its steps in between are batch-1 "c" calls with their own cache state)
+    cached = run(guidance_every=2, cache_threshold=0.0)
+    assert pipe.cache_stats == {"c+t+0": {"computed": 2, "reused": 0}, "c": {"computed": 2, "reused": 0}}
+    assert torch.equal(cached, run(guidance_every=2))
 
 
 def test_reuse_skips_vace_and_main_blocks_together(pipe):
@@ -89,7 +93,7 @@ def test_reuse_skips_vace_and_main_blocks_together(pipe):
         _count_calls(transformer.vace_blocks[0], calls, "vace"),
     ]
     try:
-        with torch.no_grad(), step_cache(transformer, threshold=0.5) as cache:
+        with torch.no_grad(), step_cache(transformer, threshold=0.5, coefficients=None) as cache:
             first = transformer(**inputs)[0]
             second = transformer(**inputs)[0]
     finally:
@@ -103,7 +107,7 @@ def test_reuse_skips_vace_and_main_blocks_together(pipe):
 def test_branches_keep_separate_state(pipe):
     transformer = pipe.transformer
     a, b = _inputs(transformer, seed=0), _inputs(transformer, seed=1)
-    with torch.no_grad(), step_cache(transformer, threshold=0.5) as cache:
+    with torch.no_grad(), step_cache(transformer, threshold=0.5, coefficients=None) as cache:
         with cache.branch("cond"):
             out_a = transformer(**a)[0]
         with cache.branch("uncond"):
@@ -153,3 +157,33 @@ def test_rule_accumulates_and_resets():
     assert got == [True, True, False]
     with pytest.raises(ValueError):
         StepCache(threshold=-1.0)
+
+
+def test_calibrated_distance_never_negative_and_tiny_backbone_calibrated(pipe):
+    assert calibration_key(pipe.transformer) in CALIBRATIONS  # so the pipeline tests above ran rescaled
+    # a fitted polynomial that dips below zero must not make threshold 0 reuse anything
+    cache = StepCache(threshold=0.0, warmup=1, num_steps=10, coefficients=[-1.0, 0.0])
+    x = torch.ones(1, 4, 3)
+    cache.should_reuse(x, x.shape)
+    cache.store(torch.zeros(1, 4, 3))
+    assert not any(cache.should_reuse(x * (1 + 0.1 * i), x.shape) for i in range(1, 5))
+    rescaled = StepCache(threshold=1.0, warmup=1, num_steps=10, coefficients=[0.0, 0.6])  # 0.6 per step
+    rescaled.should_reuse(x, x.shape)
+    rescaled.store(torch.zeros(1, 4, 3))
+    assert [rescaled.should_reuse(x, x.shape) for _ in range(3)] == [True, False, True]
+
+
+def test_calibration_pairs_are_recorded(pipe, video):
+    pipe(
+        video,
+        "anime style. a wolf",
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=3,
+        guidance="cs_cfg",
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        max_sequence_length=32,
+        cache_threshold=0.0,
+    )
+    assert len(pipe.cache_pairs) == 2 and all(x >= 0 and y > 0 for x, y in pipe.cache_pairs)
