@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import ValidationError
@@ -129,22 +130,8 @@ def cmd_stylize(args: argparse.Namespace) -> None:
     from pickstyle.stylize import stylize_file
 
     params = _params(args)
-    overrides = {
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "t_guide": args.t_guide,
-        "c_guide": args.c_guide,
-        "skip": args.skip,
-        "scheduler": args.scheduler,
-        "shift": args.shift,
-        "negative_prompt": args.negative_prompt,
-        "cache_threshold": args.cache_threshold,
-        "adapter_scale": args.adapter_scale,
-        "device": args.device,
-    }
-    overrides = {field: value for field, value in overrides.items() if value is not None}
-    if args.sequential:
-        overrides["batched"] = False
+    overrides = {name: getattr(args, name) for name in Sample.model_fields}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
     sample = sample_with(params.sample, overrides)
     adapter, backbone = args.adapter, None
     if args.model:  # the registered model gives the adapter and the backbone
@@ -243,6 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_sample_flags(p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`~pickstyle.config.Sample` field, typed, with its choices and description.
+
+    Every flag defaults to ``None`` (= the params' ``sample`` value); the values are validated together by
+    :func:`sample_with`.
+    """
+    group = p.add_argument_group("sampling (default: params.yaml `sample`)")
+    for name, field in Sample.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if get_origin(kind) in (Union, UnionType):  # ``str | None``: the flag takes a str
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        if get_origin(kind) is Literal:
+            group.add_argument(flag, choices=get_args(kind), default=None, help=field.description)
+        elif kind is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
+        else:
+            group.add_argument(flag, type=kind, default=None, help=field.description)
+
+
 def _add_stylize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input video (anything PyAV reads: mp4, mov, webm, gif, ...)")
     p.add_argument("-o", "--output", required=True, help="output .mp4 (written at the source fps)")
@@ -250,20 +259,7 @@ def _add_stylize_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="adapter folder (diffusers LoRA format), e.g. models/adapter")
     src.add_argument("--model", help="registered model, e.g. models:/pickstyle@champion")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance", choices=["none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg"])
-    p.add_argument("--t-guide", type=float, help="text (style) guidance scale")
-    p.add_argument("--c-guide", type=float, help="context (video) guidance scale")
-    p.add_argument("--skip", type=int, help="start from the source latent noised to step k of N")
-    p.add_argument("--scheduler", choices=["unipc", "dpmpp", "euler"])
-    p.add_argument("--shift", type=float, help="sampling shift")
-    p.add_argument("--negative-prompt", help='negative prompt (default: Wan\'s; "" for none)')
-    p.add_argument("--cache-threshold", type=float, help="step-cache threshold (0 = off)")
-    p.add_argument("--adapter-scale", type=float, help="LoRA scale (0 = base model)")
-    p.add_argument(
-        "--sequential", action="store_true", help="run the guidance passes one by one (less memory)"
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    add_sample_flags(p)
     p.add_argument("--seed", type=int, default=0, help="noise and null-context seed (default: %(default)s)")
     p.add_argument(
         "--fit", choices=["crop", "pad"], default="crop", help="resize-to-cover + centre crop, or pad"

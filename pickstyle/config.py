@@ -12,7 +12,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -359,36 +359,53 @@ class Train(_Section):
     fixed_noise: bool = False
 
 
-class Sample(_Section):
-    """Sampling (Context-Style CFG) defaults for ``stylize`` and ``evaluate``."""
+#: Guidance modes of :class:`~pickstyle.model.pipeline.PickStylePipeline` (its module docstring has the formulas).
+Guidance = Literal["none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg"]
+#: Schedulers :func:`~pickstyle.model.pipeline.make_scheduler` builds.
+Scheduler = Literal["unipc", "dpmpp", "euler"]
+GUIDANCE_MODES: tuple[str, ...] = get_args(Guidance)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
-    steps: int = 20
-    guidance: Literal["none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg"] = "cs_cfg"
-    t_guide: float = 5.0
-    c_guide: float = 4.0
-    #: Start from the source latent noised to step ``skip`` of ``steps``.
-    skip: int = 0
-    scheduler: Literal["unipc", "dpmpp", "euler"] = "dpmpp"
-    shift: float = 16.0
-    #: null = Wan's default negative prompt; "" is allowed.
-    negative_prompt: str | None = None
-    #: Run the three CS-CFG predictions as one batch-3 forward (False = sequential, lower memory).
-    batched: bool = True
-    #: Step-cache threshold (0 = no cache), on the backbone's calibrated (TeaCache-rescaled) distance.
-    cache_threshold: float = 0.0
-    #: First steps the step cache always computes (retention steps).
-    cache_warmup: int = Field(default=1, ge=1)
-    #: CS-CFG modes: compute all three predictions every k-th step only; in between reuse the last full step's
-    #: guidance directions (1 = exact; 2, the default, makes cs_cfg cost what CFG does: bench/RESULTS.md
-    #: "sample"). cfg / cfg_joint always run exact.
-    guidance_every: int = Field(default=2, ge=1)
-    #: What the steps in between reuse: ``all`` (compute ε_c only) or ``context`` (compute ε_c and ε_t).
-    guidance_reuse: Literal["all", "context"] = "all"
-    adapter_scale: float = 1.0
-    device: str = "auto"
-    #: Videos longer than one clip are denoised as one latent in windows of the clip length; consecutive
-    #: windows share at least this many frames, their noise predictions averaged every step.
-    window_overlap: int = Field(default=4, ge=0)
+
+class Sample(_Section):
+    """Sampling (Context-Style CFG): the one schema of ``params.sample``, ``evaluate.sample``, the ``stylize``
+    flags (:func:`pickstyle.cli.add_sample_flags`) and the served model's override columns
+    (:func:`pickstyle.serving.model_signature`). Each field's description is its ``--help`` text."""
+
+    steps: int = Field(default=20, description="denoising steps")
+    guidance: Guidance = Field(default="cs_cfg", description="guidance mode")
+    t_guide: float = Field(default=5.0, description="text (style) guidance scale t_g")
+    c_guide: float = Field(default=4.0, description="context (video) guidance scale c_g (0 = plain CFG)")
+    skip: int = Field(default=0, description="start from the source latent noised to step k of the steps")
+    scheduler: Scheduler = Field(default="dpmpp", description="sampling scheduler")
+    shift: float = Field(default=16.0, description="sampling timestep shift")
+    negative_prompt: str | None = Field(
+        default=None, description='the null text (default: Wan\'s negative prompt; "" for none)'
+    )
+    batched: bool = Field(
+        default=True,
+        description="run the guidance predictions as one batch (--no-batched: one by one, less memory)",
+    )
+    cache_threshold: float = Field(
+        default=0.0, description="step-cache threshold on the calibrated distance (0 = no cache)"
+    )
+    cache_warmup: int = Field(default=1, ge=1, description="first steps the step cache always computes")
+    guidance_every: int = Field(
+        default=2,
+        ge=1,
+        description="CS-CFG: all three predictions every k-th step, guidance directions reused in between "
+        "(1 = exact; 2 costs what CFG does, bench/RESULTS.md)",
+    )
+    guidance_reuse: Literal["all", "context"] = Field(
+        default="all", description="what the steps in between reuse: all (compute ε_c only) or context"
+    )
+    adapter_scale: float = Field(default=1.0, description="LoRA scale (0 = the base model)")
+    device: str = Field(default="auto", description="cpu, cuda, cuda:1, ... (auto: CUDA when present)")
+    window_overlap: int = Field(
+        default=4,
+        ge=0,
+        description="long videos: frames shared by consecutive windows of one latent, averaged every step",
+    )
 
     # A NaN scale or zero steps would "work" and write a garbage video: reject them, naming the field, in the
     # short form the CLI turns into "--c-guide: must be finite".
@@ -414,8 +431,10 @@ class Sample(_Section):
 
     @field_validator("skip")
     @classmethod
-    def _skip_below_steps(cls, value: int, info: ValidationInfo) -> int:
+    def _skip_below_steps(cls, value: int | None, info: ValidationInfo) -> int | None:
         steps = info.data.get("steps")  # absent when steps itself was invalid (that error is reported)
+        if value is None:
+            return value
         if value < 0:
             raise PydanticCustomError("out_of_range", "must be >= 0")
         if steps is not None and value >= steps:
@@ -424,18 +443,33 @@ class Sample(_Section):
 
 
 class EvalSample(Sample):
-    """:class:`Sample` for ``evaluate``: ``steps``, ``t_guide`` and ``c_guide`` default to the active profile's."""
+    """``evaluate.sample``: only what differs from ``sample``. A null (or absent) field takes ``sample``'s value,
+    except ``steps``, ``t_guide`` and ``c_guide``, which take the active profile's ``eval_*`` (resolved by
+    :class:`Params`, so every stage reads plain values)."""
 
     steps: int | None = None  # type: ignore[assignment]
+    guidance: Guidance | None = None  # type: ignore[assignment]
     t_guide: float | None = None  # type: ignore[assignment]
     c_guide: float | None = None  # type: ignore[assignment]
+    skip: int | None = None  # type: ignore[assignment]
+    scheduler: Scheduler | None = None  # type: ignore[assignment]
+    shift: float | None = None  # type: ignore[assignment]
+    negative_prompt: str | None = None
+    batched: bool | None = None  # type: ignore[assignment]
+    cache_threshold: float | None = None  # type: ignore[assignment]
+    cache_warmup: int | None = None  # type: ignore[assignment]
+    guidance_every: int | None = None  # type: ignore[assignment]
+    guidance_reuse: Literal["all", "context"] | None = None  # type: ignore[assignment]
+    adapter_scale: float | None = None  # type: ignore[assignment]
+    device: str | None = None  # type: ignore[assignment]
+    window_overlap: int | None = None  # type: ignore[assignment]
 
 
 class Evaluate(_Section):
     """The ``evaluate`` stage: stylize the held-out test clips with each variant and score them."""
 
-    #: Sampling of every variant; its null ``steps``/``t_guide``/``c_guide`` take the profile's ``eval_*``
-    #: values (tiny: 8 steps, t_g 2, c_g 1, as the tiny backbone over-saturates at the paper's 5 and 4).
+    #: Sampling of every variant: ``sample`` with what is set here; ``steps``/``t_guide``/``c_guide`` default to
+    #: the profile's ``eval_*`` (tiny: 8 steps, t_g 2, c_g 0.5: the tiny backbone over-saturates at the paper's 5, 4).
     sample: EvalSample = Field(default_factory=lambda: EvalSample())
     #: Variants compared (``identity`` = output equals input).
     #: ``vae`` / ``reconstruct`` check the backbone against the source (README: evaluation).
@@ -513,13 +547,14 @@ class Params(_Section):
             self.clips.flip_prob = profile.flip_prob
         if self.clips.chroma is None:
             self.clips.chroma = profile.chroma
-        sample = self.evaluate.sample
-        if sample.steps is None:
-            sample.steps = profile.eval_steps
-        if sample.t_guide is None:
-            sample.t_guide = profile.eval_t_guide
-        if sample.c_guide is None:
-            sample.c_guide = profile.eval_c_guide
+        own = self.evaluate.sample.model_dump(exclude_none=True)
+        profile_values = {
+            "steps": profile.eval_steps,
+            "t_guide": profile.eval_t_guide,
+            "c_guide": profile.eval_c_guide,
+        }
+        resolved = Sample.model_validate({**self.sample.model_dump(), **profile_values, **own})
+        self.evaluate.sample = EvalSample.model_validate(resolved.model_dump())
         return self
 
     @property

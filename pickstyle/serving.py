@@ -17,7 +17,8 @@ import binascii
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import mlflow
 import pandas as pd
@@ -30,17 +31,24 @@ from pydantic import ValidationError
 from pickstyle.config import Params, Sample, error_lines, parse_params
 from pickstyle.errors import PickstyleError
 
-#: Per-row sampling overrides accepted by :meth:`PickStyleModel.predict` (besides the video, prompt and output).
+
+def _mlflow_type(annotation: Any) -> str:
+    """The MLflow column type of a :class:`~pickstyle.config.Sample` field's annotation."""
+    if get_origin(annotation) in (Union, UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return "string"
+    return {int: "long", float: "double", bool: "boolean", str: "string"}[annotation]
+
+
+#: Per-row overrides accepted by :meth:`PickStyleModel.predict` (besides the video, prompt and output): every
+#: :class:`~pickstyle.config.Sample` field (the one sampling schema), plus the seed and a frame limit.
 OVERRIDE_COLUMNS: dict[str, str] = {
-    "steps": "long",
-    "guidance": "string",
-    "t_guide": "double",
-    "c_guide": "double",
-    "skip": "long",
-    "scheduler": "string",
-    "shift": "double",
-    "negative_prompt": "string",
-    "adapter_scale": "double",
+    **{
+        name: _mlflow_type(field.annotation)
+        for name, field in Sample.model_fields.items()
+        if name != "device"
+    },
     "seed": "long",
     "max_frames": "long",
 }

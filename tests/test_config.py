@@ -27,10 +27,12 @@ def _dotted(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_shipped_params_are_complete():
-    """params.yaml spells out every key, so what DVC tracks is what runs."""
+    """params.yaml spells out every key, so what DVC tracks is what runs; ``evaluate.sample`` holds only what
+    differs from ``sample`` (the evaluate stage tracks both)."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     defaults = parse_params({}).model_dump(mode="json")
-    assert _dotted(data) == _dotted(defaults)
+    inherited = {k for k in _dotted(defaults) if k.startswith("evaluate.sample.")}
+    assert _dotted(data) - {"evaluate.sample"} == _dotted(defaults) - inherited
     assert parse_params(data).model_dump() == parse_params({}).model_dump()  # and the defaults match
 
 
@@ -119,3 +121,30 @@ def test_sampling_values_validated_in_params():
         parse_params({"evaluate": {"sample": {"steps": 8, "skip": 8}}})
     # steps and skip overridden together are checked together
     assert parse_params({}, overrides={"sample.steps": 4, "sample.skip": 3}).sample.skip == 3
+
+
+def test_one_sampling_schema():
+    """The stylize flags, the served model's override columns and evaluate.sample all come from Sample."""
+    from pickstyle.cli import build_parser
+    from pickstyle.config import GUIDANCE_MODES, SCHEDULERS, Sample
+    from pickstyle.model.pipeline import make_scheduler
+    from pickstyle.serving import OVERRIDE_COLUMNS
+
+    stylize = build_parser()._subparsers._group_actions[0].choices["stylize"]
+    flags = {a.dest for a in stylize._actions}
+    assert set(Sample.model_fields) <= flags
+    assert set(Sample.model_fields) - {"device"} <= set(OVERRIDE_COLUMNS)
+    guidance = next(a for a in stylize._actions if a.dest == "guidance")
+    assert tuple(guidance.choices) == GUIDANCE_MODES
+    for name in SCHEDULERS:
+        make_scheduler(name, 3.0)
+
+    # evaluate.sample holds only what differs from sample; steps/t_guide/c_guide come from the profile
+    params = parse_params(
+        {"sample": {"shift": 9.0, "scheduler": "euler"}, "evaluate": {"sample": {"scheduler": "unipc"}}}
+    )
+    ev = params.evaluate.sample
+    assert (ev.shift, ev.scheduler) == (9.0, "unipc")
+    assert (ev.steps, ev.t_guide, ev.c_guide) == (8, 2.0, 0.5)  # the tiny profile's eval_*
+    again = parse_params(params.model_dump(mode="json"))  # resolved params load back to the same values
+    assert again.evaluate.sample == ev

@@ -41,12 +41,9 @@ from diffusers import (
 )
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from pickstyle.config import WAN_NEGATIVE_PROMPT
+from pickstyle.config import GUIDANCE_MODES, SCHEDULERS, WAN_NEGATIVE_PROMPT
 from pickstyle.model.cache import StepCache, step_cache
 from pickstyle.model.guidance import MomentumBuffer, cfg, cs_cfg, cs_cfg_apg, permute_context
-
-GUIDANCE_MODES = ("none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg")
-SCHEDULERS = ("unipc", "dpmpp", "euler")
 
 # Which predictions each mode needs, in batch order: "c" = (text, C), "t" = (∅, C), "0" = (∅, π(C)).
 _BRANCHES = {
