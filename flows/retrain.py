@@ -29,6 +29,7 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.schedules import Cron
 
 from pickstyle.config import Params, load_params
 from pickstyle.register import find_versions
@@ -242,7 +243,6 @@ def retrain_style(
 
 def schedules_from_params(params: Params) -> list[Any]:
     """One cron schedule per style in ``retrain.schedules`` (``{style: "0 3 * * 1"}``), with that style as parameter."""
-    from prefect.schedules import Cron
 
     return [
         Cron(cron, timezone="UTC", parameters={"style": style}, slug=f"retrain-{slug(style)}")

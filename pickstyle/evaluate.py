@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import mlflow
 import numpy as np
 import torch
+from PIL import Image
 
+from pickstyle import register, tracking
 from pickstyle.config import Params, Sample
+from pickstyle.data.clips import iter_clips
+from pickstyle.data.images import text_strip, write_gif
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_dir, resolve_device, write_json
 from pickstyle.metrics import (
@@ -31,6 +36,10 @@ from pickstyle.metrics import (
     structure_ssim,
     warp_error_per_frame,
 )
+from pickstyle.model.adapters import load_adapter
+from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, missing_files
+from pickstyle.model.pipeline import PickStylePipeline
+from pickstyle.stylize import stylize_frames
 
 #: Reference rows written next to the variants: the source's and the ground truth's own warp error.
 #: Row order of tables and charts: references first, then the variants from weakest to strongest.
@@ -75,9 +84,6 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
 
 def _load_pipeline(params: Params, device: str) -> tuple[Any, str]:
     """The backbone + the trained adapter, loaded once; returns (pipeline, adapter name)."""
-    from pickstyle.model.adapters import load_adapter
-    from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, missing_files
-    from pickstyle.model.pipeline import PickStylePipeline
 
     adapter_dir = Path(params.paths.models) / "adapter"
     if not adapter_dir.is_dir():
@@ -96,7 +102,6 @@ def _stylize(
     model: tuple[Any, str] | None, variant: str, clip: dict[str, Any], sample: Sample, seed: int
 ) -> np.ndarray:
     """One variant's output for one clip; the variants share the pipeline and toggle the adapter's scale."""
-    from pickstyle.stylize import stylize_frames
 
     src = clip["src"]
     if variant == "identity":
@@ -129,7 +134,6 @@ def vae_roundtrip(pipe: Any, video: np.ndarray) -> np.ndarray:
 
 
 def _iter_test_clips(params: Params) -> Iterable[dict[str, Any]]:
-    from pickstyle.data.clips import iter_clips
 
     folder = Path(params.paths.data) / "testclips"
     clips = iter_clips(folder, prefix="testclips")
@@ -330,12 +334,6 @@ def plot_figures(folder: Path, metrics: dict[str, float], curves: dict[str, list
     return written
 
 
-def _label(tile_width: int, text: str) -> np.ndarray:
-    strip = np.full((14, tile_width, 3), 255, np.uint8)
-    cv2.putText(strip, text, (2, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-    return strip
-
-
 def preview_grid(previews: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Frames of a labelled grid: one row per clip, columns source | base | cfg | cs_cfg | ground truth."""
     columns = ["source", *(v for v in PREVIEW_VARIANTS if v in previews[0]), "ground_truth"]
@@ -354,7 +352,7 @@ def preview_grid(previews: list[dict[str, np.ndarray]]) -> np.ndarray:
         # Test clips share the profile's size; resize anything else so the grid stays rectangular.
         return frame if frame.shape[:2] == (height, width) else cv2.resize(frame, (width, height))
 
-    header = np.concatenate([_label(width, titles[c]) for c in columns], axis=1)
+    header = np.concatenate([text_strip(width, titles[c], height=14) for c in columns], axis=1)
     frames = []
     for t in range(length):
         rows = [np.concatenate([tile(p[c][t]) for c in columns], axis=1) for p in previews]
@@ -365,11 +363,9 @@ def preview_grid(previews: list[dict[str, np.ndarray]]) -> np.ndarray:
 def write_preview(path: Path, previews: list[dict[str, np.ndarray]], fps: float) -> None:
     """An animated GIF of :func:`preview_grid` (Pillow; loops forever), and its first, middle and last frames
     side by side, enlarged 2x, as a PNG next to it (``preview.png``: a still to look at or put in a README)."""
-    from PIL import Image
 
     grid = preview_grid(previews)
-    images = [Image.fromarray(f) for f in grid]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / max(fps, 1)), loop=0)
+    write_gif(path, grid, fps)
     picks = sorted({0, len(grid) // 2, len(grid) - 1})
     gap = np.full((grid.shape[1], 6, 3), 255, np.uint8)
     still = np.concatenate([x for t in picks for x in (grid[t], gap)][:-1], axis=1)
@@ -379,9 +375,6 @@ def write_preview(path: Path, previews: list[dict[str, np.ndarray]], fps: float)
 
 def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> str:
     """One MLflow run in ``evaluate.experiment`` with the sampling params, the metrics and ``eval/`` as artifacts."""
-    import mlflow
-
-    from pickstyle import register, tracking
 
     experiment_id = tracking.ensure_experiment(params, params.evaluate.experiment)
     adapter_dir = Path(params.paths.models) / "adapter"

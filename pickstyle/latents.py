@@ -30,11 +30,16 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
+from safetensors.torch import load, load_file, save, save_file
+from tqdm.auto import tqdm
 
 from pickstyle.config import Params
+from pickstyle.data.clips import iter_clips
 from pickstyle.data.shards import ShardProgress, ShardSink, files_fingerprint, iter_samples, list_shards
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
+from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, prompt_length
 
 PREFIX = "latents"
 TENSOR_EXT = "latents.safetensors"
@@ -74,7 +79,6 @@ def _check_geometry(
 
 def _normalised_latents(pipe: Any, videos: torch.Tensor, device: torch.device) -> torch.Tensor:
     """VAE mode of ``videos`` [b, 3, T, H, W], normalised with the VAE's latents mean/std (fp32) as the pipeline."""
-    from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
 
     z_dim = pipe.vae.config.z_dim
     mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=torch.float32).view(
@@ -125,7 +129,6 @@ def encode_clip(
         ``target`` [16, f, h, w] fp32, ``context`` [96, f, h, w] and ``prompt_embeds`` [L, D] in the
         transformer's dtype, ``source`` [16, f, h, w] fp32; all on ``device``.
     """
-    from pickstyle.model.components import prompt_length
 
     del params
     src_frames, style_frames = np.asarray(src_frames), np.asarray(style_frames)
@@ -239,7 +242,6 @@ def to_sample(
 
 def save_constants(folder: str | Path, constants: dict[str, torch.Tensor]) -> None:
     """Write ``context.safetensors`` (atomically) into a latents folder."""
-    from safetensors.torch import save_file
 
     with atomic_path(Path(folder) / CONTEXT_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()}, str(tmp))
@@ -248,7 +250,6 @@ def save_constants(folder: str | Path, constants: dict[str, torch.Tensor]) -> No
 
 def encode_sample(tensors: dict[str, torch.Tensor]) -> bytes:
     """Tensors -> ``latents.safetensors`` bytes (contiguous CPU copies)."""
-    from safetensors.torch import save
 
     return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
@@ -258,7 +259,6 @@ _CONSTANTS: dict[str, dict[str, torch.Tensor]] = {}
 
 def context_constants(folder: str | Path) -> dict[str, torch.Tensor]:
     """``inactive`` and ``mask`` of a latents folder (read once per process)."""
-    from safetensors.torch import load_file
 
     path = Path(folder) / CONTEXT_FILE
     if str(path) not in _CONSTANTS:
@@ -271,7 +271,6 @@ def context_constants(folder: str | Path) -> dict[str, torch.Tensor]:
 def decode_latents(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A raw latents sample (bytes per extension, as :func:`pickstyle.data.shards.iter_samples` yields it) ->
     ``target``, ``source``, ``context`` (rebuilt) and ``prompt_embeds`` (padded back to its stored length)."""
-    from safetensors.torch import load
 
     where = f"sample {raw.get('__key__')!r} of {raw.get('__url__')}"
     data = raw.get(TENSOR_EXT)
@@ -314,10 +313,6 @@ def build_latents(params: Params) -> dict[str, Any]:
         A summary (clips, shards, shapes, bytes per clip, device, seconds, clips_per_s); ``summary.json`` holds it
         without the timings.
     """
-    from tqdm.auto import tqdm
-
-    from pickstyle.data.clips import iter_clips
-    from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, prompt_length
 
     clips_dir = Path(params.paths.data) / "clips"
     out_dir = Path(params.paths.data) / "latents"

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 from skimage.metrics import structural_similarity
+from transformers import CLIPModel, CLIPProcessor
 
 from pickstyle.errors import PickstyleError
 
@@ -282,7 +283,6 @@ class ClipScorer:
     """
 
     def __init__(self, model_path: str | Path, device: str = "cpu") -> None:
-        from transformers import CLIPModel, CLIPProcessor
 
         path = Path(model_path)
         if not path.is_dir():

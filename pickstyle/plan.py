@@ -19,6 +19,12 @@ import math
 from typing import Any
 
 from pickstyle.config import Params
+from pickstyle.model.components import (
+    REAL_TEXT_TOKENS,
+    real_config,
+    tiny_latent_geometry,
+    tiny_transformer_config,
+)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -72,7 +78,6 @@ def lora_parameters(config: dict[str, Any], rank: int, targets_per_block: int = 
 
 def _geometry(params: Params, frames: int, height: int, width: int) -> dict[str, int]:
     """Latent frames/height/width, context channels and text tokens of a clip on the active backbone."""
-    from pickstyle.model.components import REAL_TEXT_TOKENS, tiny_latent_geometry
 
     if params.active.backbone == "tiny":
         tiny = params.model.tiny
@@ -96,7 +101,6 @@ def _geometry(params: Params, frames: int, height: int, width: int) -> dict[str,
 
 def transformer_config(params: Params) -> dict[str, Any]:
     """The active profile's transformer config: the tiny one, or the published 1.3B/14B one."""
-    from pickstyle.model.components import real_config, tiny_transformer_config
 
     if params.active.backbone == "tiny":
         return tiny_transformer_config(params.model.tiny)

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import mlflow
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -27,6 +29,7 @@ import pickstyle
 from pickstyle.config import Params, parse_params
 from pickstyle.errors import PickstyleError
 from pickstyle.files import sha256_tree, write_json
+from pickstyle.model.components import backbone_path, ensure_backbone, missing_files
 from pickstyle.serving import input_example, model_signature
 from pickstyle.tracking import ensure_experiment, provenance_tags, tracking_uri, use_tracking
 
@@ -83,7 +86,6 @@ def backbone_fingerprint(path: str | Path) -> str:
 
     Cheap on a 30 GB folder (no weight bytes are read) and stable across copies of the same files.
     """
-    import hashlib
 
     path = Path(path)
     h = hashlib.sha256()
@@ -163,8 +165,6 @@ def metrics_markdown(table: dict[str, list[Any]], gate_metric: str) -> str:
 
 def _pip_requirements() -> list[str]:
     # Explicit, so MLflow does not load the model in a subprocess to infer them.
-    import diffusers
-    import torch
 
     return [
         f"pickstyle=={pickstyle.__version__}",
@@ -248,8 +248,6 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
         artifacts = {"adapter": str(staged), "params": str(Path(tmp) / "params.json")}
         recorded = params
         if params.active.backbone == "tiny":
-            from pickstyle.model.components import backbone_path, ensure_backbone, missing_files
-
             # The register stage depends on models/backbone, so it is normally there; build it only if not.
             backbone = backbone_path(params)
             if missing_files(backbone):
@@ -257,8 +255,6 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             artifacts["backbone"] = str(backbone)
             tags["backbone_sha256"] = sha256_tree(backbone)
         else:
-            from pickstyle.model.components import backbone_path
-
             backbone = backbone_path(params).resolve()
             tags["backbone_path"] = str(backbone)
             tags["backbone_fingerprint"] = backbone_fingerprint(backbone)
@@ -426,8 +422,6 @@ def load_registered(
     registered = json.loads(artifacts["params"].read_text())
     backbone = artifacts.get("backbone")
     if backbone is None:
-        from pickstyle.model.components import backbone_path
-
         backbone = backbone_path(parse_params(registered, "registered params"))
     return {
         "adapter_dir": str(artifacts["adapter"]),

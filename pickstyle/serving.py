@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -29,7 +31,13 @@ from mlflow.types import ColSpec, Schema
 from pydantic import ValidationError
 
 from pickstyle.config import Params, Sample, error_lines, parse_params
+from pickstyle.data.video import encode_video
 from pickstyle.errors import PickstyleError
+from pickstyle.files import resolve_device
+from pickstyle.model.adapters import load_adapter
+from pickstyle.model.components import backbone_path, load_pipeline
+from pickstyle.model.pipeline import PickStylePipeline
+from pickstyle.stylize import oriented_size, read_fitted, render_fitted
 
 
 def _mlflow_type(annotation: Any) -> str:
@@ -74,9 +82,6 @@ def model_signature() -> ModelSignature:
 
 def example_clip(frames: int = 5, height: int = 32, width: int = 48) -> bytes:
     """A tiny moving gradient as mp4 bytes: the input example, so the serving example stylizes a real clip."""
-    import numpy as np
-
-    from pickstyle.data.video import encode_video
 
     t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
     rgb = np.stack([(x * 5 + t * 8) % 256, (y * 7) % 256, ((x + y) * 3 + t * 16) % 256], axis=-1)
@@ -117,7 +122,6 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        import json
 
         artifacts = context.artifacts
         self.adapter_dir = Path(artifacts["adapter"])
@@ -126,19 +130,12 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
         )
         backbone = artifacts.get("backbone")
         if backbone is None:  # real profiles: the backbone stays where it was recorded
-            from pickstyle.model.components import backbone_path
-
             backbone = backbone_path(self.params)
         self.backbone_dir = Path(backbone)
         self._pipe = None
 
     def _pipeline(self, sample: Sample) -> Any:
         if self._pipe is None:
-            from pickstyle.files import resolve_device
-            from pickstyle.model.adapters import load_adapter
-            from pickstyle.model.components import load_pipeline
-            from pickstyle.model.pipeline import PickStylePipeline
-
             self._pipe = load_pipeline(
                 self.backbone_dir,
                 device=resolve_device(sample.device),
@@ -215,7 +212,6 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
             return str(written)
 
     def _stylize_row(self, video: Path, output: Path, settings: dict[str, Any]) -> Path:
-        from pickstyle.stylize import oriented_size, read_fitted, render_fitted
 
         sample_fields = set(Sample.model_fields)
         overrides = {k: v for k, v in settings.items() if k in sample_fields}

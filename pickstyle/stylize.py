@@ -33,11 +33,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import torch
 
 from pickstyle.config import Params, Sample
+from pickstyle.data.video import (
+    VideoError,
+    _stream_fps,
+    pad_to,
+    read_video,
+    resize_contain,
+    resize_cover_crop,
+    write_video,
+)
 from pickstyle.errors import PickstyleError
+from pickstyle.files import resolve_device
+from pickstyle.model.adapters import load_adapter
+from pickstyle.model.components import ensure_backbone, load_pipeline, offload_text_encoder
+from pickstyle.model.pipeline import PickStylePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +149,6 @@ def oriented_size(path: Path, height: int, width: int, orientation: str) -> tupl
     A 9:16 phone video centre-cropped into a 16:9 frame would lose two thirds of its picture; the model sees
     the same number of tokens either way.
     """
-    from pickstyle.data.video import read_video
 
     if orientation == "profile":
         return height, width
@@ -150,7 +163,6 @@ def oriented_size(path: Path, height: int, width: int, orientation: str) -> tupl
 
 def _fit(frames: np.ndarray, height: int, width: int, fit: str) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Frames at ``height x width`` and the region of them that holds picture (all of it unless padded)."""
-    from pickstyle.data.video import pad_to, resize_contain, resize_cover_crop
 
     if fit == "crop":
         return resize_cover_crop(frames, height, width), (slice(0, height), slice(0, width))
@@ -175,9 +187,6 @@ def read_fitted(
     Returns:
         ``(frames [T, height, width, 3] uint8, fps, picture region)``.
     """
-    import av
-
-    from pickstyle.data.video import VideoError, _stream_fps, read_video
 
     read_video(path, max_frames=1)
     fitted: list[np.ndarray] = []
@@ -241,9 +250,6 @@ def stylize_file(
     Returns:
         ``output`` as a Path.
     """
-    from pickstyle.files import resolve_device
-    from pickstyle.model.components import ensure_backbone, load_pipeline, offload_text_encoder
-    from pickstyle.model.pipeline import PickStylePipeline
 
     input, output = Path(input), Path(output)
     if output.is_dir():
@@ -293,8 +299,6 @@ def stylize_file(
     if height % base or width % base:
         raise StylizeError(f"profile size {height}x{width}: this backbone needs multiples of {base}")
     if adapter_dir is not None:
-        from pickstyle.model.adapters import load_adapter
-
         load_adapter(pipe, adapter_dir, scale=sample.adapter_scale)
 
     return render_fitted(
@@ -347,7 +351,6 @@ def render_fitted(
             and back, so a 30 fps input moves per frame as the 16 fps training clips did.
         out_fps: the output's frame rate (``None`` = ``fps``); the output keeps the input's duration.
     """
-    from pickstyle.data.video import write_video
 
     height, width = fitted.shape[1:3]
     out_fps = out_fps or fps

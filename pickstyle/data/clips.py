@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
-from PIL import Image
 
 from pickstyle.config import Params
-from pickstyle.data.images import decode_png, key_slug
+from pickstyle.data.images import decode_png, key_slug, text_strip, write_gif
 from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, job_seed, render_pair
 from pickstyle.data.scenes import _photos, draw_scene, render_scene
 from pickstyle.data.shards import (
@@ -49,9 +49,10 @@ from pickstyle.data.shards import (
     record_shard,
     write_shards,
 )
+from pickstyle.data.styles import apply_style, style_caption_name
 from pickstyle.data.video import VideoError, encode_video, read_video, resize_cover_crop
 from pickstyle.errors import PickstyleError
-from pickstyle.files import atomic_path, write_json
+from pickstyle.files import write_json
 from pickstyle.progress import progress
 
 PREFIX = "clips"
@@ -219,7 +220,6 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- reconstruct
 def _video_fps(path: Path) -> float | None:
-    import av
 
     try:
         with av.open(str(path)) as container:
@@ -279,7 +279,6 @@ def _render_reconstruct(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- test scenes
 def _render_tests(job: dict[str, Any]) -> dict[str, Any]:
-    from pickstyle.data.styles import apply_style, style_caption_name
 
     s = job["settings"]
     descriptions = {pid: d for pid, d, _ in _photos()}
@@ -488,18 +487,6 @@ def _iter_clip_shards(
         yield {"key": key, "src": src, "style": style, "meta": meta}
 
 
-def text_strip(width: int, text: str, height: int = 12) -> np.ndarray:
-    """A white ``[height, width, 3]`` strip with ``text`` in black (PIL's default font), cut with "..." to fit."""
-    from PIL import ImageDraw
-
-    strip = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    while len(text) > 3 and draw.textlength(text) > width - 4:
-        text = text[:-4] + "..."
-    draw.text((2, 0), text, fill=(0, 0, 0))
-    return np.asarray(strip)
-
-
 def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int) -> Path | None:
     """``preview.gif``: ``n`` clips spread over the stage's output, one row each (source | style).
 
@@ -534,9 +521,4 @@ def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int
     for r, label in zip(scaled, labels, strict=True):
         parts += [sep, np.repeat(text_strip(width, label)[None], t, axis=0), r]
     grid = np.concatenate(parts, axis=1)
-    images = [Image.fromarray(f) for f in grid]
-    with atomic_path(target) as tmp:
-        images[0].save(
-            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
-        )
-    return target
+    return write_gif(target, grid, fps)

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import skimage.data
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from pickstyle.data.shards import ShardError
+from pickstyle.files import atomic_path
 
 #: Smallest accepted image side: the styles' windows and the later video crops need a few pixels to work on.
 MIN_SIDE = 16
@@ -56,7 +58,6 @@ BUILTIN_PHOTOS: tuple[Photo, ...] = (
 @functools.cache
 def load_builtin_photos() -> tuple[tuple[tuple[Photo, np.ndarray], ...], tuple[dict[str, Any], ...]]:
     """The built-in photos that load offline, as RGB (loaded once per process); failures are reported, not fatal."""
-    import skimage.data
 
     photos, failed = [], []
     for photo in BUILTIN_PHOTOS:
@@ -155,3 +156,29 @@ def decode_png(data: bytes, where: str) -> np.ndarray:
 def key_slug(text: str) -> str:
     """A WebDataset-safe key part: letters, digits, ``_`` and ``-`` only (no dots)."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def text_strip(width: int, text: str, height: int = 12) -> np.ndarray:
+    """A white ``[height, width, 3]`` strip with ``text`` in black (PIL's default font), cut with "..." to fit."""
+
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    while len(text) > 3 and draw.textlength(text) > width - 4:
+        text = text[:-4] + "..."
+    draw.text((2, 0), text, fill=(0, 0, 0))
+    return np.asarray(strip)
+
+
+def write_gif(path: str | Path, frames: np.ndarray, fps: float) -> Path:
+    """An animated, looping GIF of ``uint8 [T, H, W, 3]`` frames, written atomically; returns ``path``."""
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=round(1000 / max(fps, 1)),
+            loop=0,
+        )
+    return Path(path)

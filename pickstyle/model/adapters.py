@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import WanVACEPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_dir, write_json
@@ -62,7 +66,6 @@ def add_context_style_adapter(
     Returns:
         ``transformer``.
     """
-    from peft import LoraConfig
 
     config = LoraConfig(
         r=rank,
@@ -130,7 +133,6 @@ def save_adapter(
     Returns:
         ``out_dir``.
     """
-    from peft.utils import get_peft_model_state_dict
 
     transformer = _transformer_of(pipeline_or_transformer)
     name = _single_adapter(transformer, adapter_name)
@@ -146,7 +148,6 @@ def _write_adapter(
 ) -> Path:
     """Write ``state`` (diffusers LoRA keys) with ``config`` (a ``LoraConfig``) as its safetensors metadata, plus
     ``pickstyle_adapter.json``; the folder is replaced as a whole, atomically."""
-    from diffusers import WanVACEPipeline
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -256,7 +257,6 @@ def import_official_adapter(
     Returns:
         A summary: out_dir, rank, alpha, modules, blocks, lora_parameters.
     """
-    from peft import LoraConfig
 
     pth = Path(pth)
     if not pth.is_file():
@@ -302,7 +302,6 @@ _DIFFUSERS_KEY = re.compile(
 
 def read_adapter_weights(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
     """Our adapter folder's tensors (diffusers keys), its rank and alpha (from ``pickstyle_adapter.json``)."""
-    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / WEIGHT_NAME
@@ -356,7 +355,6 @@ def export_adapter(adapter_dir: str | Path, out_path: str | Path, fmt: str = "wa
     Returns:
         A summary: path, format, rank, alpha, tensors.
     """
-    from safetensors.torch import save_file
 
     state, rank, alpha = read_adapter_weights(adapter_dir)
     out = convert_to_official_state_dict(state, rank, alpha, fmt)

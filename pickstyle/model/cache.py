@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 
 #: TeaCache rescaling polynomials (numpy.polyval order, highest power first) per backbone, keyed by
@@ -267,7 +268,6 @@ def _cached_forward(
     output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [b, c, f, h, w]
     if not return_dict:
         return (output,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=output)
 

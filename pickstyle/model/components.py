@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACEPipeline, WanVACETransformer3DModel
+from diffusers.configuration_utils import FrozenDict
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from pickstyle.config import Params, TinyBackbone
 from pickstyle.errors import PickstyleError
@@ -80,8 +84,6 @@ def build_tokenizer(max_text_tokens: int = 32):
     Returns:
         A ``transformers`` fast tokenizer with ``<pad>`` (id 0), ``</s>`` (id 1) and ``<unk>`` (id 2).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]
     vocab: list[tuple[str, float]] = [(s, 0.0) for s in specials]
@@ -154,7 +156,6 @@ def tiny_vae_config(tiny: TinyBackbone) -> dict[str, Any]:
 
 def tiny_text_config(tiny: TinyBackbone, vocab_size: int):
     """The tiny UMT5 encoder's config."""
-    from transformers import UMT5Config
 
     return UMT5Config(
         vocab_size=vocab_size,
@@ -212,7 +213,6 @@ def real_config(name: str) -> dict[str, Any]:
 
 def _scheduler():
     """Wan2.1's scheduler config (UniPC in flow-matching mode; the sampler may swap it at inference)."""
-    from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
@@ -252,8 +252,6 @@ def init_tiny_pipeline(tiny: TinyBackbone, seed: int = TINY_SEED):
 
     The same ``tiny`` sizes and ``seed`` give identical weights (each component draws from its own seed).
     """
-    from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
-    from transformers import UMT5EncoderModel
 
     tokenizer = build_tokenizer(tiny.max_text_tokens)
     with _seeded(seed):
@@ -423,7 +421,6 @@ class TransformerSpec:
     """
 
     def __init__(self, config: dict[str, Any], dtype: torch.dtype) -> None:
-        from diffusers.configuration_utils import FrozenDict
 
         self.config = FrozenDict(config)
         self.dtype = dtype
@@ -451,7 +448,6 @@ def load_pipeline(
         transformer: ``False``: do not load the transformer; ``pipe.transformer`` is a :class:`TransformerSpec`
             (its config and dtype), enough to encode clips and prompts, not to denoise.
     """
-    from diffusers import AutoencoderKLWan, WanVACEPipeline
 
     path = Path(path)
     missing = missing_files(path)

@@ -43,6 +43,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from pickstyle.config import GUIDANCE_MODES, SCHEDULERS, WAN_NEGATIVE_PROMPT
 from pickstyle.model.cache import StepCache, step_cache
+from pickstyle.model.components import prompt_length
 from pickstyle.model.guidance import MomentumBuffer, cfg, cs_cfg, cs_cfg_apg, permute_context
 
 # Which predictions each mode needs, in batch order: "c" = (text, C), "t" = (∅, C), "0" = (∅, π(C)).
@@ -286,7 +287,6 @@ class PickStylePipeline(WanVACEPipeline):
         self._guidance_scale = t_guide
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
-        self._interrupt = False
         device = self._execution_device
         transformer = self.transformer
         transformer_dtype = transformer.dtype
@@ -302,8 +302,6 @@ class PickStylePipeline(WanVACEPipeline):
 
         # 1. Text: the prompt and the "∅ text" (Wan's negative prompt by default).
         if max_sequence_length is None:
-            from pickstyle.model.components import prompt_length
-
             max_sequence_length = prompt_length(self)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompt,
