@@ -65,6 +65,9 @@ from pickstyle.model.components import ensure_backbone, load_pipeline, resolve_d
 from pickstyle.progress import progress
 from pickstyle.tracking import train_run
 
+#: Summary keys that vary from run to run (timings, the MLflow run id): returned and logged, never written.
+VOLATILE = ("samples_per_s", "seconds", "mlflow_run_id", "device")
+
 
 class TrainingError(PickstyleError):
     """Training cannot go on (a non-finite loss or gradient, a bad adapter setup); names the step."""
@@ -252,7 +255,8 @@ def _write_loss_outputs(history: list[dict[str, float]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(out / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "samples_per_s"])
+        # no timings: the same params give the same file (and DVC hash) on any machine
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     steps = [h["step"] for h in history]
@@ -630,12 +634,7 @@ def _write_final(
 
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    extra = {
-        "steps": summary["steps"],
-        "final_loss": summary["final_loss"],
-        "mode": summary["mode"],
-        "mlflow_run_id": run_id,
-    }
+    extra = {"steps": summary["steps"], "final_loss": summary["final_loss"], "mode": summary["mode"]}
     save_adapter(transformer, staging, extra_metadata=extra, state_dict=lora)
     _write_loss_outputs(history, staging)
     out.mkdir(parents=True, exist_ok=True)
@@ -643,7 +642,9 @@ def _write_final(
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
     shutil.rmtree(staging, ignore_errors=True)
-    write_json(out / "train_summary.json", summary)
+    # Timings and the run id stay out of the stage's output (they are in the returned summary and MLflow):
+    # the same params and data give a byte-identical folder, so a fresh clone reproduces dvc.lock.
+    write_json(out / "train_summary.json", {k: v for k, v in summary.items() if k not in VOLATILE})
     if run_id is not None:
         for f in sorted(out.iterdir()):
             if f.is_file():
