@@ -127,19 +127,7 @@ def run_model(pipe, clips, embeds, settings: dict, rows: list[tuple[str, dict]])
         times, outs, reused = [], [], []
         for (src, _, _), (pos, neg) in zip(clips, embeds, strict=True):
             t0 = time.process_time()
-            out = pipe(
-                src,
-                None,
-                None,
-                height=src.shape[1],
-                width=src.shape[2],
-                prompt_embeds=pos,
-                negative_prompt_embeds=neg,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-                **settings,
-                **kw,
-            ).frames[0]
+            out = _sample(pipe, src, pos, neg, output_type="np", **settings, **kw).frames[0]
             times.append(time.process_time() - t0)
             outs.append((np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8))
             stats = pipe.cache_stats if "cache_threshold" in kw else {}
@@ -163,20 +151,31 @@ def run_model(pipe, clips, embeds, settings: dict, rows: list[tuple[str, dict]])
     return results
 
 
+def _sample(pipe, src: np.ndarray, pos: torch.Tensor, neg: torch.Tensor, **kw):
+    """One seeded pipeline call on a clip with precomputed prompt embeddings."""
+    return pipe(
+        src,
+        None,
+        None,
+        height=src.shape[1],
+        width=src.shape[2],
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+
+
 def calibrate(pipe, clips, embeds, settings: dict) -> list[float]:
     """Fit TeaCache's rescaling polynomial: input change → residual change, on uncached runs (threshold 0)."""
     pairs: list[tuple[float, float]] = []
     for steps in (settings["num_inference_steps"], 20):
         for (src, _, _), (pos, neg) in zip(clips, embeds, strict=True):
-            pipe(
+            _sample(
+                pipe,
                 src,
-                None,
-                None,
-                height=src.shape[1],
-                width=src.shape[2],
-                prompt_embeds=pos,
-                negative_prompt_embeds=neg,
-                generator=torch.Generator().manual_seed(0),
+                pos,
+                neg,
                 output_type="latent",
                 guidance="cs_cfg",
                 cache_threshold=0.0,
