@@ -21,7 +21,7 @@ It measures, at 81 x 480 x 832 (21 x 60 x 104 latents, 32,760 video tokens):
   little about trained ones).
 * **VAE**: encode and decode of one 81-frame clip (fp32, as the pipelines run it).
 
-Published anchors are printed beside the numbers (DESIGN §4); they are other models/setups, for scale only.
+Published anchors are printed beside the numbers (docs/method.md §4); they are other models/setups, for scale only.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results import write_section  # noqa: E402
 from train import PEAK_BF16, train_step_flops, wan_forward_flops  # noqa: E402
 
-#: Published numbers for scale (DESIGN §4): (what, value, unit, source).
+#: Published numbers for scale (docs/method.md §4): (what, value, unit, source).
 ANCHORS = [
     ("Wan 1.3B LoRA training", "8.3", "s/it", "A100, DiffSynth-Studio users"),
     ("Wan2.1 T2V-1.3B 480p inference", "261", "s/video", "RTX 4090"),

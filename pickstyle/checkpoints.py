@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from pickstyle.config import Params
 from pickstyle.data.shards import files_fingerprint
 from pickstyle.errors import PickstyleError
-from pickstyle.model.components import backbone_path
+from pickstyle.model.components import backbone_fingerprint, backbone_path
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -54,8 +54,6 @@ _BOOKKEEPING = {
 def run_key(params: Params, shards: list[Path], lora: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Everything that decides the adapter; a checkpoint resumes only under an equal key."""
     t = params.train.model_dump(mode="json")
-    backbone = backbone_path(params)
-    configs = sorted(p for p in backbone.rglob("*.json") if p.is_file())
     return {
         "train": {k: v for k, v in sorted(t.items()) if k not in _BOOKKEEPING},
         "lora": lora,
@@ -63,7 +61,7 @@ def run_key(params: Params, shards: list[Path], lora: dict[str, Any], world_size
         "world_size": world_size,
         "dtype": params.model.dtype,
         "data": files_fingerprint(shards),
-        "backbone": files_fingerprint(configs + sorted(backbone.rglob("*.safetensors"))),
+        "backbone": backbone_fingerprint(backbone_path(params)),
     }
 
 

@@ -154,8 +154,11 @@ def cmd_stylize(args: argparse.Namespace) -> None:
         orientation=args.orientation,
         fps=args.fps,
         on_long=args.long,
+        preview=args.preview,
     )
     print(out)
+    if args.preview:
+        print(args.preview)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -281,6 +284,9 @@ def _add_stylize_args(p: argparse.ArgumentParser) -> None:
         help="videos longer than one clip: process in windows, or cut to one clip with a warning",
     )
     p.add_argument("--side-by-side", action="store_true", help="write source | result")
+    p.add_argument(
+        "--preview", metavar="PNG", help="also write a still: 4 source frames above the same 4 results"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -114,9 +115,11 @@ class Model(_Section):
 class Profile(_Section):
     """What a profile fixes: the backbone kind and the clip geometry, plus the defaults that depend on the backbone.
 
-    The defaults are the paper's (LoRA r = alpha = 128, 3000 steps, gradient checkpointing, 20 sampling steps at
-    t_g = 5, c_g = 4); the tiny profile overrides them in ``params.yaml``. A ``null`` in the matching stage key
-    (``train.steps``, ``train.gradient_checkpointing``, ``evaluate.sample.{steps,t_guide,c_guide}``) takes the profile's value.
+    The defaults are the paper's (LoRA r = alpha = 128 on the VACE blocks' self-attention q/k/v, 3000 steps,
+    gradient checkpointing, 20 sampling steps at t_g = 5, c_g = 4); the tiny profile overrides them in
+    ``params.yaml``. A ``null`` in the matching stage key (``train.steps``, ``train.gradient_checkpointing``,
+    ``train.lora_targets``, ``sample.{steps,t_guide,c_guide}``) takes the profile's value, for ``pickstyle
+    stylize``, the served model and the evaluation alike.
     """
 
     backbone: Literal["tiny", "wan-1.3b", "wan-14b"]
@@ -128,15 +131,19 @@ class Profile(_Section):
     fps: int = 16
     lora_rank: int = 128
     lora_alpha: float = 128.0
+    #: peft target regex (fullmatched) when ``train.lora_targets`` is null. Paper: the self-attention q/k/v of
+    #: the VACE context blocks only.
+    lora_targets: str = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
     #: Optimizer steps of ``train`` when ``train.steps`` is null (paper: 3000).
     train_steps: int = Field(default=3000, ge=1)
     #: Gradient checkpointing (main and VACE blocks) when ``train.gradient_checkpointing`` is null: at 81x480x832
-    #: the 1.3B keeps ~105 GiB of activations without it, ~15-20 GiB with it (DESIGN section 4).
+    #: the 1.3B keeps ~105 GiB of activations without it, ~15-20 GiB with it (docs/method.md §4).
     gradient_checkpointing: bool = True
-    #: Evaluation sampling where ``evaluate.sample`` leaves them null: steps and the CS-CFG scales (paper: 20, 5, 4).
-    eval_steps: int = Field(default=20, ge=1)
-    eval_t_guide: float = 5.0
-    eval_c_guide: float = 4.0
+    #: Sampling where ``sample`` (and ``evaluate.sample``) leave them null: steps and the CS-CFG scales
+    #: (paper: 20, 5, 4). The stylize command, the served model and the evaluation all use these.
+    sample_steps: int = Field(default=20, ge=1)
+    sample_t_guide: float = 5.0
+    sample_c_guide: float = 4.0
     #: Motion variants per pair when ``clips.variants`` is null: training visits one per pair per epoch, a new
     #: one each epoch (the reference draws a fresh motion on every visit, over 57 epochs).
     clip_variants: int = Field(default=8, ge=1)
@@ -173,11 +180,9 @@ def _default_profiles() -> dict[str, Profile]:
             lora_alpha=32.0,
             train_steps=600,
             gradient_checkpointing=False,
-            # the tiny backbone over-saturates at the paper's t_g = 5, c_g = 4 (README: what the demo shows);
-            # c_g = t_g - 1 would make CS-CFG equal joint CFG exactly, so c_g sits between CFG (0) and that (1)
-            eval_steps=8,
-            eval_t_guide=2.0,
-            eval_c_guide=0.5,
+            sample_steps=8,
+            sample_t_guide=2.0,
+            sample_c_guide=0.5,
             clip_variants=2,
             flip_prob=0.5,
             chroma="420",
@@ -266,9 +271,11 @@ class Clips(_Section):
 class Pretrain(_Section):
     """The ``pretrain`` stage: train the tiny backbone from scratch on data the project makes itself.
 
-    Three phases, each resumable from ``<models>/.pretrain/``: the VAE (single frames, then short clips), a
-    latent set of clips, then the transformer (main and VACE blocks) on text-to-video of the pretraining styles
-    and "reconstruct." clips that follow their source context. The ``holdout_styles`` never appear in any phase.
+    Four phases, each resumable from ``<models>/.pretrain/``: the VAE (single frames, then short clips, on
+    procedural images of every kind as well as the built-in photos), a latent set of clips, the transformer (main
+    and VACE blocks) on a mix of tasks as Wan-VACE is pretrained (``task_mix``), then the VAE decoder. The
+    ``holdout_styles`` never appear in any phase. Nothing here reads the ``clips`` section: tuning the adapter's
+    motions does not invalidate the backbone.
     """
 
     seed: int = 0
@@ -278,7 +285,10 @@ class Pretrain(_Section):
     vae_clip_steps: int = Field(default=1000, ge=0)
     vae_batch: int = Field(default=8, ge=1)
     vae_lr: float = Field(default=2e-3, gt=0)
-    #: Clips in the transformer's latent set (each rendered once with its own motion, crop and style).
+    #: Share of the VAE's images that are procedural (noise, gradients, patterns, shapes, strokes, jittered photo
+    #: crops at any zoom: ``pickstyle/data/textures.py``); the rest are built-in photo clips and scenes.
+    vae_texture_share: float = Field(default=0.6, ge=0, le=1)
+    #: Clips in the transformer's latent set (each rendered once with its own motion, crop, task and style).
     clips: int = Field(default=640, ge=8)
     steps: int = Field(default=3000, ge=0)
     batch_size: int = Field(default=2, ge=1)
@@ -286,11 +296,39 @@ class Pretrain(_Section):
     warmup_steps: int = Field(default=100, ge=0)
     #: Training timestep shift of the pretraining (lower than the adapters' 5: small latents need less noise).
     shift: float = Field(default=3.0, gt=0)
-    #: Shares of the latent set: "reconstruct." clips (target = source, source context), unstyled text-to-video,
-    #: and procedural scenes with moving cut-outs (the rest are photo clips with camera motion).
-    recon_share: float = Field(default=0.5, ge=0, le=1)
-    plain_share: float = Field(default=0.1, ge=0, le=1)
+    #: Relative weights of the transformer's tasks (as Wan-VACE: structure controls with free text):
+    #: ``reconstruct`` "reconstruct. <desc>", RGB source context -> the source; ``control_style`` a structure
+    #: control of the source (``controls``) + "<Style> style. <desc>" -> the styled clip; ``control_photo`` a
+    #: control + the description -> the source; ``text_style`` / ``text_plain`` text-to-video (empty context) of
+    #: the styled / plain clip. RGB context with a style prompt is never shown: the leak the adapters fix.
+    task_mix: dict[str, float] = Field(
+        default_factory=lambda: {
+            "reconstruct": 0.3,
+            "control_style": 0.3,
+            "control_photo": 0.15,
+            "text_style": 0.15,
+            "text_plain": 0.1,
+        }
+    )
+    #: Structure controls drawn for the control tasks (``pickstyle/data/controls.py``).
+    controls: list[str] = Field(default_factory=lambda: ["grey", "edges", "blur", "downscaled"])
+    #: Share of clips that are procedural scenes with moving cut-outs (the rest are photo crops with a motion).
     scene_share: float = Field(default=0.3, ge=0, le=1)
+    #: Cut-out objects per procedural scene.
+    scene_objects: int = Field(default=3, ge=0)
+    #: Camera motions of the pretraining clips (pretrain's own: the ``clips`` stage's are the adapter's data).
+    motion_mix: dict[str, float] = Field(
+        default_factory=lambda: {
+            "zoom_in": 1.0,
+            "zoom_out": 1.0,
+            "slide_left": 1.0,
+            "slide_right": 1.0,
+            "slide_up": 1.0,
+            "slide_down": 1.0,
+            "rotate": 2.0,
+        }
+    )
+    static_prob: float = Field(default=0.2, ge=0, le=1)
     #: Probability that a caption is replaced by the sampler's "null text" (Wan's negative prompt), so CFG has an
     #: unconditional branch to contrast with.
     null_text_prob: float = Field(default=0.1, ge=0, le=1)
@@ -300,6 +338,17 @@ class Pretrain(_Section):
     decoder_lr: float = Field(default=5e-4, gt=0)
     log_every: int = Field(default=50, ge=1)
     device: str = "auto"
+
+    @field_validator("task_mix")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"reconstruct", "control_style", "control_photo", "text_style", "text_plain"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(known)}")
+        if any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return value
 
 
 class Latents(_Section):
@@ -334,8 +383,11 @@ class Train(_Section):
     lora_dropout: float = 0.0
     #: peft ``init_lora_weights`` (True = B zero, "gaussian", ...).
     lora_init: bool | Literal["gaussian", "pissa", "olora"] = True
-    #: peft target regex (fullmatched): self-attention q/k/v of the VACE context blocks only.
-    lora_targets: str = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
+    #: peft target regex (fullmatched); null = the profile's (real: the VACE blocks' self-attention q/k/v).
+    lora_targets: str | None = None
+    #: Probability that a training clip's caption is replaced by the null text (Wan's negative prompt, the
+    #: sampler's ∅): the adapter then also learns the unconditional branch CFG contrasts with.
+    caption_dropout: float = Field(default=0.1, ge=0, le=1)
     #: Recompute block activations in the backward pass (main and VACE blocks); null = the profile's (real: on).
     gradient_checkpointing: bool | None = None
     #: Keep the activations autograd saves in CPU memory (``torch.autograd.graph.save_on_cpu``) instead of on the
@@ -372,10 +424,14 @@ class Sample(_Section):
     flags (:func:`pickstyle.cli.add_sample_flags`) and the served model's override columns
     (:func:`pickstyle.serving.model_signature`). Each field's description is its ``--help`` text."""
 
-    steps: int = Field(default=20, description="denoising steps")
+    steps: int | None = Field(default=None, description="denoising steps (default: the profile's)")
     guidance: Guidance = Field(default="cs_cfg", description="guidance mode")
-    t_guide: float = Field(default=5.0, description="text (style) guidance scale t_g")
-    c_guide: float = Field(default=4.0, description="context (video) guidance scale c_g (0 = plain CFG)")
+    t_guide: float | None = Field(
+        default=None, description="text (style) guidance scale t_g (default: the profile's)"
+    )
+    c_guide: float | None = Field(
+        default=None, description="context (video) guidance scale c_g (0 = plain CFG; default: the profile's)"
+    )
     skip: int = Field(default=0, description="start from the source latent noised to step k of the steps")
     scheduler: Scheduler = Field(default="dpmpp", description="sampling scheduler")
     shift: float = Field(default=16.0, description="sampling timestep shift")
@@ -442,40 +498,43 @@ class Sample(_Section):
         return value
 
 
-class EvalSample(Sample):
-    """``evaluate.sample``: only what differs from ``sample``. A null (or absent) field takes ``sample``'s value,
-    except ``steps``, ``t_guide`` and ``c_guide``, which take the active profile's ``eval_*`` (resolved by
-    :class:`Params`, so every stage reads plain values)."""
+def _all_optional(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
+    """A subclass of ``model`` whose every field defaults to None ("not set here"), with the same descriptions
+    and validators: derived, so a field added to ``model`` appears here too."""
+    fields = {
+        key: (field.annotation | None, Field(default=None, description=field.description))
+        for key, field in model.model_fields.items()
+    }
+    derived = create_model(name, __base__=model, __module__=__name__, **fields)
+    derived.__doc__ = doc
+    return derived
 
-    steps: int | None = None  # type: ignore[assignment]
-    guidance: Guidance | None = None  # type: ignore[assignment]
-    t_guide: float | None = None  # type: ignore[assignment]
-    c_guide: float | None = None  # type: ignore[assignment]
-    skip: int | None = None  # type: ignore[assignment]
-    scheduler: Scheduler | None = None  # type: ignore[assignment]
-    shift: float | None = None  # type: ignore[assignment]
-    negative_prompt: str | None = None
-    batched: bool | None = None  # type: ignore[assignment]
-    cache_threshold: float | None = None  # type: ignore[assignment]
-    cache_warmup: int | None = None  # type: ignore[assignment]
-    guidance_every: int | None = None  # type: ignore[assignment]
-    guidance_reuse: Literal["all", "context"] | None = None  # type: ignore[assignment]
-    adapter_scale: float | None = None  # type: ignore[assignment]
-    device: str | None = None  # type: ignore[assignment]
-    window_overlap: int | None = None  # type: ignore[assignment]
+
+#: ``evaluate.sample``: only what differs from ``sample``. A null (or absent) field takes ``sample``'s value
+#: (whose null ``steps``, ``t_guide`` and ``c_guide`` are the active profile's ``sample_*``; resolved by
+#: :class:`Params`, so every stage reads plain values).
+EvalSample = _all_optional(
+    Sample,
+    "EvalSample",
+    "``evaluate.sample``: only what differs from ``sample`` (a null field takes ``sample``'s value).",
+)
 
 
 class Evaluate(_Section):
     """The ``evaluate`` stage: stylize the held-out test clips with each variant and score them."""
 
-    #: Sampling of every variant: ``sample`` with what is set here; ``steps``/``t_guide``/``c_guide`` default to
-    #: the profile's ``eval_*`` (tiny: 8 steps, t_g 2, c_g 0.5: the tiny backbone over-saturates at the paper's 5, 4).
+    #: Sampling of every variant: ``sample`` with what is set here (so by default what ``pickstyle stylize`` does:
+    #: the profile's ``sample_*`` steps and scales).
     sample: EvalSample = Field(default_factory=lambda: EvalSample())
     #: Variants compared (``identity`` = output equals input).
     #: ``vae`` / ``reconstruct`` check the backbone against the source (README: evaluation).
-    variants: list[Literal["identity", "vae", "reconstruct", "base", "cfg", "cfg_joint", "cs_cfg"]] = Field(
-        default_factory=lambda: ["identity", "vae", "reconstruct", "base", "cfg", "cfg_joint", "cs_cfg"]
-    )
+    variants: list[
+        Literal["identity", "vae", "reconstruct", "base_noguide", "base", "noguide", "cfg", "cfg_joint", "cs_cfg"]
+    ] = Field(
+        default_factory=lambda: [
+            "identity", "vae", "reconstruct", "base_noguide", "base", "noguide", "cfg", "cfg_joint", "cs_cfg"
+        ]
+    )  # fmt: skip
     #: At most this many test clips (0 = all).
     max_clips: int = 0
     #: Optional local CLIP model folder for a text-frame score.
@@ -547,13 +606,18 @@ class Params(_Section):
             self.clips.flip_prob = profile.flip_prob
         if self.clips.chroma is None:
             self.clips.chroma = profile.chroma
-        own = self.evaluate.sample.model_dump(exclude_none=True)
+        if self.train.lora_targets is None:
+            self.train.lora_targets = profile.lora_targets
         profile_values = {
-            "steps": profile.eval_steps,
-            "t_guide": profile.eval_t_guide,
-            "c_guide": profile.eval_c_guide,
+            "steps": profile.sample_steps,
+            "t_guide": profile.sample_t_guide,
+            "c_guide": profile.sample_c_guide,
         }
-        resolved = Sample.model_validate({**self.sample.model_dump(), **profile_values, **own})
+        for name, value in profile_values.items():
+            if getattr(self.sample, name) is None:
+                setattr(self.sample, name, value)
+        own = self.evaluate.sample.model_dump(exclude_none=True)
+        resolved = Sample.model_validate({**self.sample.model_dump(), **own})
         self.evaluate.sample = EvalSample.model_validate(resolved.model_dump())
         return self
 

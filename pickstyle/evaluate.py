@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pickstyle import register, tracking
+from pickstyle import tracking
 from pickstyle.config import Params, Sample
-from pickstyle.data.clips import iter_clips
+from pickstyle.data.clip_reader import iter_clips
 from pickstyle.data.images import text_strip, write_gif
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_dir, resolve_device, write_json
@@ -36,14 +36,26 @@ from pickstyle.metrics import (
     structure_ssim,
     warp_error_per_frame,
 )
-from pickstyle.model.adapters import load_adapter
+from pickstyle.model.adapters import WEIGHT_NAME, adapter_sha256, load_adapter
 from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, missing_files
 from pickstyle.model.pipeline import PickStylePipeline
 from pickstyle.stylize import stylize_frames
 
 #: Reference rows written next to the variants: the source's and the ground truth's own warp error.
 #: Row order of tables and charts: references first, then the variants from weakest to strongest.
-_ORDER = ("source", "ground_truth", "vae", "reconstruct", "identity", "base", "cfg", "cfg_joint", "cs_cfg")
+_ORDER = (
+    "source",
+    "ground_truth",
+    "vae",
+    "reconstruct",
+    "identity",
+    "base_noguide",
+    "base",
+    "noguide",
+    "cfg",
+    "cfg_joint",
+    "cs_cfg",
+)
 #: Variants that reproduce the *source* (backbone checks), scored by PSNR to it rather than by style metrics.
 SOURCE_VARIANTS = ("vae", "reconstruct")
 #: Variants shown in the preview, left to right, between the source and the ground truth.
@@ -61,6 +73,8 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
     """The sampling settings of one variant (``identity`` needs none).
 
     * ``base``   — no adapter (scale 0), plain text CFG: what the frozen backbone does on its own;
+    * ``base_noguide`` / ``noguide`` — no adapter / the adapter, no guidance at all: the conditional
+      prediction alone (has the adapter learned the styles, or does only guidance push them);
     * ``reconstruct`` — no adapter, no guidance, the caption ``"reconstruct. <description>"``: does the backbone
       follow its context (scored against the source);
     * ``cfg``    — the adapter, plain text CFG;
@@ -69,6 +83,10 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
     """
     if variant == "base":
         return sample.model_copy(update={"guidance": "cfg", "adapter_scale": 0.0})
+    if variant == "base_noguide":
+        return sample.model_copy(update={"guidance": "none", "adapter_scale": 0.0})
+    if variant == "noguide":
+        return sample.model_copy(update={"guidance": "none"})
     if variant == "reconstruct":
         # the backbone's own prediction: guidance would measure the null-text branch too, not the context
         return sample.model_copy(update={"guidance": "none", "adapter_scale": 0.0})
@@ -379,8 +397,8 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> st
     experiment_id = tracking.ensure_experiment(params, params.evaluate.experiment)
     adapter_dir = Path(params.paths.models) / "adapter"
     tags = tracking.provenance_tags(params)
-    if (adapter_dir / register.ADAPTER_FILES[0]).is_file():
-        tags["adapter_sha256"] = register.adapter_sha256(adapter_dir)
+    if (adapter_dir / WEIGHT_NAME).is_file():
+        tags["adapter_sha256"] = adapter_sha256(adapter_dir)
     with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate", tags=tags) as run:
         sample = params.evaluate.sample.model_dump(mode="json")
         mlflow.log_params({f"sample.{k}": v for k, v in sample.items()})

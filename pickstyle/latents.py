@@ -1,7 +1,7 @@
 """Stage ``latents``: encode every training clip once (VAE + text), so training runs the transformer only.
 
 Per clip, with the backbone's own pipeline code (:func:`encode_clip`: the tensors equal what sampling feeds the
-transformer), the cache stores only the information (DESIGN §2; ``latents.safetensors`` + the clip's ``json``):
+transformer), the cache stores only the information (docs/method.md §2; ``latents.safetensors`` + the clip's ``json``):
 
 - ``target`` ``[16, f, h, w]``: the style clip's VAE latent, normalised ``(z - mean) / std`` with the VAE's
   ``latents_mean``/``latents_std``;
@@ -34,12 +34,18 @@ from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
 from safetensors.torch import load, load_file, save, save_file
 from tqdm.auto import tqdm
 
-from pickstyle.config import Params
-from pickstyle.data.clips import iter_clips
+from pickstyle.config import WAN_NEGATIVE_PROMPT, Params
+from pickstyle.data.clip_reader import iter_clips
 from pickstyle.data.shards import ShardProgress, ShardSink, files_fingerprint, iter_samples, list_shards
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
-from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, prompt_length
+from pickstyle.model.components import (
+    backbone_fingerprint,
+    backbone_path,
+    ensure_backbone,
+    load_pipeline,
+    prompt_length,
+)
 
 PREFIX = "latents"
 TENSOR_EXT = "latents.safetensors"
@@ -68,7 +74,7 @@ def _check_geometry(
     if style.shape != src.shape:
         raise LatentsError(f"source {src.shape} and style {style.shape} clips differ in shape")
     if (h, w) != (height, width):
-        # The pipeline would silently rescale or zero-pad the context (DESIGN §3): refuse instead.
+        # The pipeline would silently rescale or zero-pad the context (docs/method.md §3): refuse instead.
         raise LatentsError(f"clip is {h}x{w} but {height}x{width} was requested")
     base = vae_scale * patch
     if height % base or width % base:
@@ -190,6 +196,19 @@ def lean(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
     }
     constants = {"inactive": tensors["context"][:z], "mask": tensors["context"][2 * z :]}
     return stored, constants
+
+
+@torch.no_grad()
+def null_prompt(pipe: Any, device: str | torch.device) -> torch.Tensor:
+    """The sampler's default null text (Wan's negative prompt) encoded as training prompts are ``[L, D]``:
+    what a caption becomes under ``train.caption_dropout``."""
+    embeds, _ = pipe.encode_prompt(
+        prompt=WAN_NEGATIVE_PROMPT,
+        do_classifier_free_guidance=False,
+        max_sequence_length=prompt_length(pipe),
+        device=torch.device(device),
+    )
+    return embeds[0].to(pipe.transformer.dtype)
 
 
 def build_context(source: torch.Tensor, constants: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -322,7 +341,7 @@ def build_latents(params: Params) -> dict[str, Any]:
     size = params.latents.shard_size
     key = {
         "clips": files_fingerprint(clip_shards),
-        "backbone": files_fingerprint(sorted(backbone_path(params).rglob("*.*"))),
+        "backbone": backbone_fingerprint(backbone_path(params)),
         "dtype": params.model.dtype,
         "device": device,
         "shard_size": size,
@@ -360,7 +379,7 @@ def build_latents(params: Params) -> dict[str, Any]:
             shapes = {k: list(v.shape) for k, v in encoded.items()}
             nbytes = len(sample[TENSOR_EXT])
             if not (out_dir / CONTEXT_FILE).is_file():
-                save_constants(out_dir, constants)
+                save_constants(out_dir, {**constants, "null_prompt": null_prompt(pipe, device)})
             sink.write(sample)
             count += 1
             if sink.count % size == 0:  # the shard just flushed is complete

@@ -1,4 +1,4 @@
-"""Weight-free video metrics (DESIGN §5).
+"""Weight-free video metrics (docs/method.md §5).
 
 Metrics are small pure functions on ``uint8`` videos shaped ``[T, H, W, 3]`` (RGB) that return floats:
 

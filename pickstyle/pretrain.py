@@ -3,23 +3,30 @@
 The embedded default needs a backbone that has *learned*, or every stylized clip is noise. This stage mirrors the
 paper's starting point in miniature, with the same diffusers classes and folder format as real Wan2.1-VACE:
 
-1. **VAE** (``AutoencoderKLWan``): reconstructs frames, then short clips (L1), from crops of the built-in photos,
-   with and without the pretraining styles, and the procedural scenes with moving cut-outs.
-2. **Latent set**: ``pretrain.clips`` clips rendered once each (the ``clips`` stage's camera motions on photo
-   crops, or a scene), encoded with the trained VAE.
-3. **Transformer** (main *and* VACE blocks, flow matching), on a mix of
-   - text-to-video: caption ``"<Style> style. <description>"`` (or the bare description), target = the styled
-     clip, an empty context (video of zeros, mask of ones: what VACE gets for plain text-to-video);
-   - ``"reconstruct. <description>"``: target = the source clip, context = the source clip.
+1. **VAE** (``AutoencoderKLWan``): reconstructs frames, then short clips (L1). ``vae_texture_share`` of its images
+   are procedural (:mod:`pickstyle.data.textures`: noise at many scales, gradients, patterns, shapes, strokes,
+   text, jittered photo crops at any zoom), the rest built-in photo clips and scenes, so it reconstructs footage
+   it has never seen (:func:`footage_check`: held-out real photos), not only the ~8 built-in photos.
+2. **Latent set**: ``pretrain.clips`` clips rendered once each (photo crops under ``pretrain.motion_mix`` camera
+   motions, or procedural scenes), each with one task of ``pretrain.task_mix``, encoded with the trained VAE.
+3. **Transformer** (main *and* VACE blocks, flow matching) on those tasks, as Wan-VACE itself is pretrained
+   (structure controls with free text):
+   - ``control_style``: a structure control of the source (:mod:`pickstyle.data.controls`: grey, edges, blur,
+     low resolution) + ``"<Style> style. <description>"`` -> the styled clip; ``control_photo``: a control + the
+     description -> the source. The main blocks learn to render appearance, styles included, from structure;
+   - ``reconstruct``: ``"reconstruct. <description>"`` + the RGB source as context -> the source;
+   - ``text_style`` / ``text_plain``: text-to-video with an empty context (zeros video, mask of ones).
 
-   So the main blocks generate from text (styles included) and the VACE blocks follow the context. A style prompt
-   *with* a source context is never seen: it mostly returns the source, the content leak the context-style
-   adapters fix. ``pretrain.holdout_styles`` appear in no phase: an adapter must learn them from nothing.
+   A style prompt *with* an RGB source context is never seen: it mostly returns the source, the content leak the
+   context-style adapters fix. ``pretrain.holdout_styles`` appear in no phase: an adapter must learn them from
+   nothing.
+4. **Decoder**: the VAE decoder alone (encoder frozen, so the latent space stays) sharpened on clips.
 
 The UMT5 text encoder keeps its seeded random weights (a fixed feature map of the tokens). Every phase checkpoints
 to ``<models>/.pretrain/`` (outside the stage's DVC output, which DVC deletes before a rerun) and resumes from it
-when its settings match; each step's data and noise are drawn from ``(seed, phase, step)``, so a resumed run equals
-an uninterrupted one. Deterministic on CPU for a fixed seed and thread count; runs on CUDA as well.
+when its settings and the earlier phases' match (:data:`_PHASE_FIELDS`); each step's data and noise are drawn from
+``(seed, phase, step)``, so a resumed run equals an uninterrupted one. Nothing here reads the ``clips`` section.
+Deterministic on CPU for a fixed seed and thread count; runs on CUDA as well.
 """
 
 from __future__ import annotations
@@ -38,9 +45,12 @@ import numpy as np
 import torch
 
 from pickstyle.config import WAN_NEGATIVE_PROMPT, Params, Pretrain
+from pickstyle.data.controls import CONTROLS, apply_control
+from pickstyle.data.footage import heldout_clips
 from pickstyle.data.motion import draw_spec, render_pair
 from pickstyle.data.scenes import _photos, draw_scene, render_scene
 from pickstyle.data.styles import STYLES, apply_style, style_caption_name
+from pickstyle.data.textures import random_image
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device
 from pickstyle.flow_matching import add_noise, flow_target, sample_sigmas
@@ -76,6 +86,9 @@ def pretrain_styles(cfg: Pretrain) -> list[str]:
     unknown = [s for s in cfg.holdout_styles if s not in STYLES]
     if unknown:
         raise PretrainError(f"pretrain.holdout_styles: unknown style(s) {unknown}; known: {sorted(STYLES)}")
+    bad = [c for c in cfg.controls if c not in CONTROLS]
+    if bad or not cfg.controls:
+        raise PretrainError(f"pretrain.controls: unknown or none {bad}; known: {sorted(CONTROLS)}")
     return [s for s in STYLES if s not in cfg.holdout_styles]
 
 
@@ -111,18 +124,24 @@ def _scene_settings(params: Params) -> dict[str, Any]:
         "seed": params.pretrain.seed,
         "height": p.height,
         "width": p.width,
-        "test_objects": params.clips.test_objects,
+        "test_objects": params.pretrain.scene_objects,
         "styles": pretrain_styles(params.pretrain),
     }
 
 
 def render_clip(
-    rng: np.random.Generator, params: Params, frames: int, style: str | None, scene_index: int | None
+    rng: np.random.Generator,
+    params: Params,
+    frames: int,
+    style: str | None,
+    scene_index: int | None,
+    image: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """One (source, styled) clip pair, uint8 ``[frames, h, w, 3]`` each, and the source's description.
 
-    ``scene_index``: a procedural scene with moving cut-outs; else a photo crop under a camera motion drawn as the
-    ``clips`` stage draws it (the same motion on both). ``style=None``: the styled clip is the source.
+    ``scene_index``: a procedural scene with moving cut-outs; else a photo crop (or ``image``) under a camera
+    motion drawn from ``pretrain.motion_mix`` (the same motion on both). ``style=None``: the styled clip is the
+    source.
     """
     h, w = params.active.height, params.active.width
     if scene_index is not None:
@@ -131,9 +150,9 @@ def render_clip(
         desc = next(d for pid, d, _ in _photos() if pid == spec["background"])
         sty = np.stack([apply_style(style, f) for f in src]) if style else src
         return src, sty, desc
-    desc, crop = _photo_crop(rng, w / h)
+    desc, crop = _photo_crop(rng, w / h) if image is None else ("A procedural texture.", image)
     styled = apply_style(style, crop) if style else crop
-    c = params.clips
+    c = params.pretrain
     spec = draw_spec(
         int(rng.integers(2**31)), mix=dict(c.motion_mix), static_prob=c.static_prob, flip_prob=0.0
     )
@@ -154,8 +173,20 @@ def _vae_batch(params: Params, step: int) -> torch.Tensor:
     clip_phase = step >= cfg.vae_frame_steps
     n, frames = (max(1, cfg.vae_batch // 4), VAE_CLIP_FRAMES) if clip_phase else (cfg.vae_batch, 1)
     videos = []
+    h, w = params.active.height, params.active.width
+    photos = [img for _, _, img in _photos()]
     for _ in range(n):
         style = styles[int(rng.integers(len(styles)))] if rng.random() < 0.6 else None
+        if rng.random() < cfg.vae_texture_share:
+            if not clip_phase and rng.random() < 0.5:  # straight at the frame size: the finest grain survives
+                img = random_image(rng, h, w, photos)
+                video = (apply_style(style, img) if style and rng.random() < 0.3 else img)[None]
+            else:
+                img = random_image(rng, CROP_SIDE, int(round(CROP_SIDE * w / h)), photos)
+                src, sty, _ = render_clip(rng, params, max(frames, 5), style, None, image=img)
+                video = sty if style and rng.random() < 0.3 else src
+            videos.append(_to_video(video[:frames]))
+            continue
         scene = SCENE_OFFSET + int(rng.integers(100_000)) if rng.random() < cfg.scene_share else None
         src, sty, _ = render_clip(rng, params, max(frames, 5), style, scene)
         video = sty if style and rng.random() < 0.5 else src
@@ -171,20 +202,26 @@ def work_dir(params: Params) -> Path:
     return Path(params.paths.models) / ".pretrain"
 
 
+#: The ``pretrain`` fields each phase reads; a phase's checkpoint key holds its own and every earlier phase's, so
+#: changing, say, ``steps`` resumes the finished VAE and latent set and retrains only the transformer onwards.
+_PHASE_FIELDS = {
+    "vae": ("seed", "holdout_styles", "vae_frame_steps", "vae_clip_steps", "vae_batch", "vae_lr",
+            "vae_texture_share", "scene_share", "scene_objects", "motion_mix", "static_prob"),
+    "latents": ("clips", "task_mix", "controls"),
+    "transformer": ("steps", "batch_size", "lr", "warmup_steps", "shift", "null_text_prob"),
+    "decoder": ("decoder_steps", "decoder_lr"),
+}  # fmt: skip
+
+
 def _settings_key(params: Params, phase: str) -> str:
-    """What a phase's checkpoint must match to be resumed: its settings and the tiny sizes."""
-    dump = params.pretrain.model_dump(mode="json")
-    dump.pop("log_every")
-    dump.pop("device")
-    if phase != "decoder":  # the decoder fine-tune comes last: its settings never invalidate earlier phases
-        dump.pop("decoder_steps")
-        dump.pop("decoder_lr")
+    """What a phase's checkpoint must match to be resumed: its and the earlier phases' settings, the tiny sizes."""
+    phases = list(_PHASE_FIELDS)
+    fields = [f for p in phases[: phases.index(phase) + 1] for f in _PHASE_FIELDS[p]]
     payload = {
         "phase": phase,
-        "pretrain": dump,
+        "pretrain": params.pretrain.model_dump(mode="json", include=set(fields)),
         "tiny": params.model.tiny.model_dump(mode="json"),
-        "geometry": params.active.model_dump(mode="json"),
-        "clips": params.clips.model_dump(mode="json", include={"motion_mix", "static_prob", "test_objects"}),
+        "geometry": params.active.model_dump(mode="json", include={"frames", "height", "width"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -305,6 +342,19 @@ def vae_check(pipe: Any, params: Params, device: torch.device, clips: int = 4) -
     return float(np.mean(values))
 
 
+@torch.no_grad()
+def footage_check(pipe: Any, params: Params, device: torch.device) -> dict[str, float]:
+    """VAE reconstruction PSNR (dB) per held-out real clip (:mod:`pickstyle.data.footage`) and their ``mean``."""
+    p = params.active
+    values = {}
+    for name, clip in heldout_clips(p.frames, p.height, p.width):
+        x = _to_video(clip)[None].to(device)
+        y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        values[name] = round(psnr(y, x), 3)
+    values["mean"] = round(float(np.mean(list(values.values()))), 3) if values else float("nan")
+    return values
+
+
 # --- phase 2: the latent set ------------------------------------------------------------------------------------
 
 
@@ -332,8 +382,18 @@ def _embed(pipe: Any, caption: str, device: torch.device) -> torch.Tensor:
     return embeds[0].cpu()
 
 
+def _draw_task(rng: np.random.Generator, mix: dict[str, float]) -> str:
+    names = sorted(mix)
+    weights = np.array([mix[n] for n in names], np.float64)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
 def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) -> dict[str, Any]:
-    """Phase 2: render and encode the transformer's clips (after calibrating the VAE's latent statistics)."""
+    """Phase 2: render and encode the transformer's clips (after calibrating the VAE's latent statistics).
+
+    Each clip gets one task of ``pretrain.task_mix``; its target latent, its context's reactive latent (the RGB
+    source, a structure control of it, or none for text-to-video) and its caption are stored (fp16 latents).
+    """
     cfg = params.pretrain
     path, key = work_dir(params) / "latents.pt", _settings_key(params, "latents")
     state = _load_state(path, key, log)
@@ -345,24 +405,28 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
     # Latent statistics of the trained VAE, on clips of the set's own kind.
     calib = [render_clip(_rng(cfg.seed, 8, i), params, frames, None, None)[0] for i in range(8)]
     calibrate_vae(pipe.vae, torch.stack([_to_video(c) for c in calib]).to(device))
-    targets, sources, captions = [], [], []
+    targets, contexts, has_context, captions, tasks = [], [], [], [], []
     t0 = time.perf_counter()
     for i in range(cfg.clips):
         rng = _rng(cfg.seed, _SET, i)
-        recon = rng.random() < cfg.recon_share
-        plain = not recon and rng.random() < cfg.plain_share / max(1e-9, 1 - cfg.recon_share)
-        style = None if recon or plain else styles[int(rng.integers(len(styles)))]
+        task = _draw_task(rng, cfg.task_mix)
+        style = styles[int(rng.integers(len(styles)))] if task in ("control_style", "text_style") else None
         scene = SCENE_OFFSET + i if rng.random() < cfg.scene_share else None
         src, sty, desc = render_clip(rng, params, frames, style, scene)
         target = _encode(pipe, sty, device)
-        targets.append(target)
-        sources.append(i if recon else -1)  # reconstruct: context = its own target
-        if recon:
-            captions.append(f"reconstruct. {desc}")
-        elif style:
-            captions.append(f"{style_caption_name(style)} style. {desc}")
+        if task == "reconstruct":
+            context, caption = target, f"reconstruct. {desc}"
+        elif task.startswith("control"):
+            control = cfg.controls[int(rng.integers(len(cfg.controls)))]
+            context = _encode(pipe, apply_control(control, src), device)
+            caption = f"{style_caption_name(style)} style. {desc}" if style else desc
         else:
-            captions.append(desc)
+            context, caption = None, f"{style_caption_name(style)} style. {desc}" if style else desc
+        targets.append(target.half())
+        contexts.append((context if context is not None else torch.zeros_like(target)).half())
+        has_context.append(context is not None)
+        captions.append(caption)
+        tasks.append(task)
         if (i + 1) % 100 == 0:
             log(f"pretrain/latents {i + 1}/{cfg.clips} ({time.perf_counter() - t0:.0f} s)")
     unique = sorted(set(captions))
@@ -371,16 +435,17 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
     state = {
         "key": key,
         "targets": torch.stack(targets),
-        "recon": torch.tensor(sources),
+        "contexts": torch.stack(contexts),
+        "has_context": torch.tensor(has_context),
         "captions": captions,
+        "tasks": tasks,
         "embeds": embeds,
         "null": null,
         "latents_mean": list(pipe.vae.config.latents_mean),
         "latents_std": list(pipe.vae.config.latents_std),
     }
     _save_state(path, state)
-    kinds = {"reconstruct": int((state["recon"] >= 0).sum())}
-    kinds["text_to_video"] = cfg.clips - kinds["reconstruct"]
+    kinds = {t: tasks.count(t) for t in sorted(set(tasks))}
     log(f"pretrain/latents: {cfg.clips} clips {kinds}, {len(unique)} captions")
     return state
 
@@ -405,8 +470,9 @@ def _batch(data: dict[str, Any], zeros: torch.Tensor, mask_channels: int, params
     latents, contexts, texts = [], [], []
     ones = torch.ones(mask_channels, *zeros.shape[1:])
     for i in idx:
-        target = data["targets"][i]
-        reactive = target if int(data["recon"][i]) >= 0 else zeros  # text-to-video: an empty (zeros) video
+        target = data["targets"][i].float()
+        # text-to-video: an empty (zeros) video, as VACE gets for plain text-to-video
+        reactive = data["contexts"][i].float() if bool(data["has_context"][i]) else zeros
         contexts.append(torch.cat([zeros, reactive, ones]))  # [32 + mask, f, h, w], as the pipeline builds it
         latents.append(target)
         null = rng.random() < cfg.null_text_prob
@@ -569,7 +635,8 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     history: list[dict] = []
     train_vae(pipe, params, device, log, history)
     vae_psnr = vae_check(pipe, params, device)
-    log(f"pretrain/vae: {vae_psnr:.2f} dB on unseen scenes")
+    footage = footage_check(pipe, params, device)
+    log(f"pretrain/vae: {vae_psnr:.2f} dB on unseen scenes, {footage['mean']:.2f} dB on held-out real frames")
     if until == "vae":
         return {"vae_psnr": vae_psnr}
     data = build_latent_set(pipe, params, device, log)
@@ -581,7 +648,11 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     del data
     finetune_decoder(pipe, params, device, log, history)
     decoder_psnr = vae_check(pipe, params, device)
-    log(f"pretrain/decoder: {decoder_psnr:.2f} dB on unseen scenes")
+    footage_final = footage_check(pipe, params, device)
+    log(
+        f"pretrain/decoder: {decoder_psnr:.2f} dB on unseen scenes, "
+        f"{footage_final['mean']:.2f} dB on held-out real frames"
+    )
     pipe.to("cpu")
     out = Path(params.paths.models) / "backbone"
     summary = {
@@ -591,6 +662,9 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
         "holdout_styles": list(cfg.holdout_styles),
         "pretrain_styles": pretrain_styles(cfg),
         "vae_psnr_unseen_scenes": {"after_vae_phase": round(vae_psnr, 3), "final": round(decoder_psnr, 3)},
+        "vae_psnr_heldout_footage": {"after_vae_phase": footage, "final": footage_final},
+        "task_mix": dict(cfg.task_mix),
+        "controls": list(cfg.controls),
         "final_loss": {
             p: next((r["loss"] for r in reversed(history) if r["phase"] == p), None)
             for p in ("vae", "transformer", "decoder")

@@ -11,7 +11,6 @@ Where MLflow lives (the sqlite store, experiments, provenance tags) is :mod:`pic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -28,15 +27,16 @@ from mlflow.tracking import MlflowClient
 import pickstyle
 from pickstyle.config import Params, parse_params
 from pickstyle.errors import PickstyleError
-from pickstyle.files import sha256_tree, write_json
-from pickstyle.model.components import backbone_path, ensure_backbone, missing_files
+from pickstyle.files import write_json
+from pickstyle.model.adapters import WEIGHT_NAME, adapter_sha256
+from pickstyle.model.components import backbone_fingerprint, backbone_path, ensure_backbone, missing_files
 from pickstyle.serving import input_example, model_signature
 from pickstyle.tracking import ensure_experiment, provenance_tags, tracking_uri, use_tracking
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 #: Files of an adapter folder that make up the registered adapter (checkpoints and logs stay behind).
-ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "pickstyle_adapter.json")
+ADAPTER_FILES = (WEIGHT_NAME, "pickstyle_adapter.json")
 
 
 class RegistryError(PickstyleError):
@@ -55,50 +55,6 @@ def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, out_dir / name)
     return out_dir
-
-
-def adapter_sha256(adapter_dir: str | Path) -> str:
-    """sha256 of the adapter's weights file, which also carries its LoRA config (rank, alpha, targets) as
-    safetensors metadata. ``pickstyle_adapter.json`` is left out: it records the run (MLflow run id, final loss),
-    so two runs that train the same weights register as one version.
-
-    The file is hashed canonically (header JSON with sorted keys, then the tensor bytes): safetensors writes its
-    metadata map in a per-process random order, so the same adapter's raw bytes can differ between two runs.
-    """
-    weights = Path(adapter_dir) / ADAPTER_FILES[0]
-    if not weights.is_file():
-        raise RegistryError(
-            f"{adapter_dir}: no trained adapter (missing {ADAPTER_FILES[0]}; run the train stage)"
-        )
-    data = weights.read_bytes()
-    try:
-        size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + size])
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{weights}: not a safetensors file ({err})") from None
-    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    h.update(data[8 + size :])
-    return h.hexdigest()
-
-
-def backbone_fingerprint(path: str | Path) -> str:
-    """sha256 of the backbone's config/tokenizer contents plus each weight file's name and size.
-
-    Cheap on a 30 GB folder (no weight bytes are read) and stable across copies of the same files.
-    """
-
-    path = Path(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.suffix in (".json", ".txt", ".model"):
-            h.update(p.read_bytes())
-        else:
-            h.update(str(p.stat().st_size).encode())
-    return h.hexdigest()
-
-
-# --- register --------------------------------------------------------------------------------------------------
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -253,7 +209,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             if missing_files(backbone):
                 backbone = ensure_backbone(params)
             artifacts["backbone"] = str(backbone)
-            tags["backbone_sha256"] = sha256_tree(backbone)
+            tags["backbone_fingerprint"] = backbone_fingerprint(backbone)
         else:
             backbone = backbone_path(params).resolve()
             tags["backbone_path"] = str(backbone)

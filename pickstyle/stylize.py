@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pickstyle.config import Params, Sample
+from pickstyle.data.images import write_still
 from pickstyle.data.video import (
     VideoError,
     _stream_fps,
@@ -226,6 +227,7 @@ def stylize_file(
     on_long: str = "windows",
     orientation: str = "auto",
     fps: float | None = None,
+    preview: str | Path | None = None,
 ) -> Path:
     """Stylize a video file and write the result as mp4 (see the module docstring for every step).
 
@@ -246,6 +248,7 @@ def stylize_file(
         orientation: ``auto`` turns the profile's size to portrait for a portrait input; ``profile`` keeps it.
         fps: output frame rate (default: the source's). The model always sees the profile's fps (the motion
             per frame it was trained on); the output keeps the source's duration.
+        preview: also write this PNG: four frames of the source above the same frames of the result.
 
     Returns:
         ``output`` as a Path.
@@ -314,6 +317,8 @@ def stylize_file(
         side_by_side=side_by_side,
         model_fps=profile.fps,
         out_fps=fps,
+        preview=preview,
+        prompt_label=prompt,
     )
 
 
@@ -331,6 +336,8 @@ def render_fitted(
     side_by_side: bool = False,
     model_fps: float | None = None,
     out_fps: float | None = None,
+    preview: str | Path | None = None,
+    prompt_label: str | None = None,
 ) -> Path:
     """Stylize frames already fitted to the model size (:func:`read_fitted`) and write the mp4.
 
@@ -350,6 +357,8 @@ def render_fitted(
         model_fps: the frame rate the model sees (the profile's; ``None`` = ``fps``): frames are resampled to it
             and back, so a 30 fps input moves per frame as the 16 fps training clips did.
         out_fps: the output's frame rate (``None`` = ``fps``); the output keeps the input's duration.
+        preview: also write this PNG (source frames above result frames, labelled with ``prompt_label``).
+        prompt_label: the preview's label of the result row (default: ``prompt``).
     """
 
     height, width = fitted.shape[1:3]
@@ -364,7 +373,9 @@ def render_fitted(
 
     rows, cols = region
     styled = styled[:, rows, cols]
+    shown = resample_frames(source, fps, out_fps, out_count)[:, rows, cols]
+    if preview is not None:
+        write_still(preview, [("source", shown), (prompt_label or prompt, styled)])
     if side_by_side:
-        shown = resample_frames(source, fps, out_fps, out_count)
-        styled = np.concatenate([shown[:, rows, cols], styled], axis=2)
+        styled = np.concatenate([shown, styled], axis=2)
     return write_video(output, styled, out_fps)

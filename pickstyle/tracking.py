@@ -1,7 +1,7 @@
 """Where MLflow lives and what every run carries: the tracking store, experiments, provenance, run names.
 
 MLflow 3 rejects the file store, and a relative sqlite path would follow the working directory, so the tracking
-URI is always ``sqlite:///<absolute path>`` and experiments get an absolute artifact location (DESIGN §3).
+URI is always ``sqlite:///<absolute path>`` and experiments get an absolute artifact location (docs/method.md §3).
 Registering and loading models is :mod:`pickstyle.register`; serving is :mod:`pickstyle.serving`.
 """
 
@@ -174,7 +174,7 @@ def mlflow_setup(params: Params, experiment: str | None = None) -> str:
 
     The store is ``sqlite:///<absolute paths.mlflow_db>`` and a new experiment gets the absolute artifact root
     ``paths.mlflow_artifacts`` (MLflow 3 rejects the file store; relative paths would follow the working
-    directory, DESIGN §3).
+    directory, docs/method.md §3).
     """
     return ensure_experiment(params, experiment or params.train.experiment)
 

@@ -1,7 +1,7 @@
 """The ``train`` stage: one explicit flow-matching loop that trains the context-style LoRA adapters.
 
 Only the LoRA matrices on the VACE context blocks' self-attention q/k/v train; the Wan2.1-VACE backbone is frozen
-(DESIGN §2). A step, as in the PickStyle reference (arXiv 2510.07546, built on DiffSynth-Studio)::
+(docs/method.md §2). A step, as in the PickStyle reference (arXiv 2510.07546, built on DiffSynth-Studio)::
 
     σ = shift·u / (1 + (shift−1)·u),  u ~ U(0, 1)          # shifted uniform timestep, shift 5
     x_t = (1 − σ)·x0 + σ·ε                                   # x0 = the style clip's latent
@@ -59,7 +59,7 @@ from pickstyle.data.video import read_video
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
 from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, sample_sigmas, shift_sigmas
-from pickstyle.latents import decode_latents, encode_clip
+from pickstyle.latents import context_constants, decode_latents, encode_clip, null_prompt
 from pickstyle.model.adapters import add_context_style_adapter, save_adapter
 from pickstyle.model.components import ensure_backbone, load_pipeline, resolve_dtype
 from pickstyle.progress import progress
@@ -298,6 +298,8 @@ class _Run:
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    #: The null text's embedding ``[L, D]`` that ``train.caption_dropout`` swaps in (None: no dropout).
+    null_prompt: torch.Tensor | None = None
 
 
 def train(
@@ -436,6 +438,18 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         shards, seed=params.seed, rank=rank, world_size=world, recon_ratio=t.recon_ratio, position=position
     )
 
+    null = None
+    if t.caption_dropout > 0:
+        if pipe is not None:
+            null = null_prompt(pipe, device)
+        else:
+            null = context_constants(data_dir / "latents").get("null_prompt")
+            if null is None:
+                raise TrainingError(
+                    f"{data_dir / 'latents'}: no null_prompt for train.caption_dropout (latents made by an older "
+                    "version: rerun `dvc repro latents`, or set train.caption_dropout: 0)"
+                )
+
     def next_batch() -> dict[str, Any]:
         samples = []
         for _ in range(t.batch_size):
@@ -461,6 +475,7 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         start_step=int(state.get("step", 0)),
         history=list(state.get("history", [])),
         mlflow_run_id=state.get("mlflow_run_id"),
+        null_prompt=null,
     )
 
 
@@ -486,6 +501,7 @@ def _optimizer_step(
                 accelerator.device,
                 run.compute_dtype,
                 autocast,
+                run.null_prompt,
             )
             # Gradients of a mean over grad_accum x batch_size clips: each micro-batch's mean loss / grad_accum.
             accelerator.backward(loss / t.grad_accum)
@@ -578,6 +594,7 @@ def _micro_step(
     device: torch.device,
     compute_dtype: torch.dtype,
     autocast: bool,
+    null_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-batch's weighted flow-matching loss (forward only; the caller runs the backward pass).
 
@@ -588,6 +605,11 @@ def _micro_step(
     latents = batch["latents"].to(device, torch.float32)  # [b, 16, f, h, w]
     context = batch["context"].to(device, torch.float32)  # [b, 96, f, h, w]
     prompt_embeds = batch["prompt_embeds"].to(device, torch.float32)  # [b, L, D]
+    if null_prompt is not None:
+        # Caption dropout, drawn from the run's generator (restored on resume, so a resumed run stays exact).
+        drop = torch.rand(prompt_embeds.shape[0], generator=generator) < t.caption_dropout
+        null = null_prompt.to(device, torch.float32)[None].expand_as(prompt_embeds)
+        prompt_embeds = torch.where(drop.to(device)[:, None, None], null, prompt_embeds)
     if t.fixed_noise:
         sigmas, noise = fixed_noise(batch["keys"], latents.shape[1:], t.shift, params.seed)
     else:

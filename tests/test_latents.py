@@ -127,7 +127,7 @@ def _no_transformer(*args, **kwargs):
 def test_build_latents_round_trip(tiny_backbone: Path, tmp_path: Path, monkeypatch) -> None:
     from diffusers import WanVACETransformer3DModel
 
-    from pickstyle.data.clips import iter_clips
+    from pickstyle.data.clip_reader import iter_clips
 
     data = tmp_path / "data"
     _write_clips(data / "clips", n=3)

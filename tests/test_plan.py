@@ -53,7 +53,7 @@ def test_plan_numbers_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
     from pickstyle.cli import main
 
     real = plan(load_params(ROOT / "params.yaml", {"profile": "wan-1.3b"}))
-    assert real["geometry"]["tokens"] == 32_760  # 81x480x832 (DESIGN section 2)
+    assert real["geometry"]["tokens"] == 32_760  # 81x480x832 (docs/method.md §2)
     assert real["parameters"]["lora"] == 17_694_720
     act = real["memory"]["activations"]
     assert act["checkpointing"]["gpu"] < act["none"]["gpu"] / 10

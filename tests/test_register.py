@@ -12,6 +12,7 @@ import torch
 
 from pickstyle import register, tracking
 from pickstyle.config import parse_params
+from pickstyle.model.components import backbone_fingerprint
 
 MODEL = "pickstyle-test"
 
@@ -125,7 +126,7 @@ def test_register_versions_aliases_gate_tags_and_serving(
     assert v1.tags["prefect_flow_run_id"] == "flow-123"
     assert v1.tags["dvc_exp_name"] == "exp-anime"
     assert v1.tags["params_hash"] == params.section_hash()
-    assert "git_revision" in v1.tags and "backbone_sha256" in v1.tags
+    assert "git_revision" in v1.tags and "backbone_fingerprint" in v1.tags
     assert float(v1.tags[f"eval.{params.register.gate_metric}"]) == 20.0
     # the experiment's artifact location is absolute, under the project
     exp = client.get_experiment_by_name(params.register.experiment)
@@ -223,7 +224,7 @@ def test_real_profiles_record_the_backbone_instead_of_copying_it(project, adapte
     out = register.register(params)
     version = MlflowClient(tracking.tracking_uri(params)).get_model_version("real", str(out["version"]))
     assert version.tags["backbone_path"] == str(backbone.resolve())
-    assert version.tags["backbone_fingerprint"] == register.backbone_fingerprint(backbone)
+    assert version.tags["backbone_fingerprint"] == backbone_fingerprint(backbone)
     info = register.load_registered("models:/real@champion", params)
     assert info["backbone_dir"] == str(backbone.resolve())
     assert not (Path(info["model_dir"]) / "artifacts" / "backbone").exists()

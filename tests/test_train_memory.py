@@ -107,11 +107,15 @@ def test_profile_defaults() -> None:
         32,
         32.0,
     )
-    assert (tiny.evaluate.sample.steps, tiny.evaluate.sample.t_guide, tiny.evaluate.sample.c_guide) == (
-        8,
-        2.0,
-        0.5,
-    )
+    # stylize, the served model and the evaluation sample alike: the profile's evaluated best
+    tp = tiny.active
+    for sample in (tiny.sample, tiny.evaluate.sample):
+        assert (sample.steps, sample.t_guide, sample.c_guide) == (
+            tp.sample_steps,
+            tp.sample_t_guide,
+            tp.sample_c_guide,
+        )
+    assert tiny.train.lora_targets == tp.lora_targets and "attn2" in tp.lora_targets
     for name in ("wan-1.3b", "wan-14b"):
         real = load_params(ROOT / "params.yaml", {"profile": name})
         assert (real.train.steps, real.train.gradient_checkpointing, real.lora_rank, real.lora_alpha) == (
@@ -120,9 +124,9 @@ def test_profile_defaults() -> None:
             128,
             128.0,
         )
-        ev = real.evaluate.sample
-        assert (ev.steps, ev.t_guide, ev.c_guide, ev.shift) == (20, 5.0, 4.0, 16.0)
-        assert (real.sample.steps, real.sample.shift) == (20, 16.0)
+        assert real.train.lora_targets == r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"  # the paper's
+        for ev in (real.evaluate.sample, real.sample):
+            assert (ev.steps, ev.t_guide, ev.c_guide, ev.shift) == (20, 5.0, 4.0, 16.0)
     # an explicit value beats the profile's
     pinned = load_params(
         ROOT / "params.yaml", {"profile": "wan-1.3b", "train.steps": 50, "evaluate.sample.steps": 4}

@@ -20,7 +20,6 @@ x264 runs single-threaded, so the same params give the same shards on any worker
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -28,16 +27,17 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import av
-import cv2
 import numpy as np
 
 from pickstyle.config import Params
-from pickstyle.data.images import decode_png, key_slug, text_strip, write_gif
+from pickstyle.data.clip_preview import write_preview
+from pickstyle.data.clip_reader import PREFIX, TEST_PREFIX
+from pickstyle.data.images import decode_png, key_slug
 from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, job_seed, render_pair
 from pickstyle.data.scenes import _photos, draw_scene, render_scene
 from pickstyle.data.shards import (
@@ -50,17 +50,13 @@ from pickstyle.data.shards import (
     write_shards,
 )
 from pickstyle.data.styles import apply_style, style_caption_name
-from pickstyle.data.video import VideoError, encode_video, read_video, resize_cover_crop
+from pickstyle.data.video import encode_video, read_video, resize_cover_crop
 from pickstyle.errors import PickstyleError
 from pickstyle.files import write_json
 from pickstyle.progress import progress
 
-PREFIX = "clips"
-TEST_PREFIX = "testclips"
 PAIRS_PREFIX = "pairs"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".gif", ".mkv", ".avi", ".m4v")
-#: Widest preview cell (each row is source | style); keeps the GIF small at 832 px.
-PREVIEW_CELL_WIDTH = 192
 
 MapFn = Callable[[Callable[[dict], dict], list[dict]], list[dict]]
 
@@ -444,81 +440,3 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
         f"({p.frames}x{p.height}x{p.width} @ {p.fps} fps) -> {out_dir}, {test_dir}"
     )
     return {**summary, "out_dir": str(out_dir), "test_dir": str(test_dir)}
-
-
-# --------------------------------------------------------------------------------------------------- reading
-def iter_clips(folder: str | Path, prefix: str = PREFIX, skip: int = 0) -> Iterator[dict[str, Any]]:
-    """Yield the clips of ``folder`` in shard order (after the first ``skip``, which are not decoded).
-
-    Yields:
-        ``{"key", "src": uint8 [T, H, W, 3], "style": uint8 [T, H, W, 3], "meta": dict}``.
-
-    Raises:
-        ShardError: No shards, an unreadable shard, or a sample missing a part or holding a broken video.
-    """
-    yield from _iter_clip_shards(list_shards(folder, prefix), skip=skip)
-
-
-def _iter_clip_shards(
-    shards: Sequence[str | Path], keys: set[str] | None = None, skip: int = 0
-) -> Iterator[dict[str, Any]]:
-    """Decode the clips of ``shards`` (only those in ``keys`` when given; not the first ``skip``)."""
-    for sample in itertools.islice(iter_samples(shards), skip, None):
-        key, url = sample["__key__"], sample.get("__url__", "?")
-        if keys is not None and key not in keys:
-            continue
-        missing = [p for p in ("src.mp4", "style.mp4", "json") if p not in sample]
-        if missing:
-            raise ShardError(f"{url}: sample {key} lacks {', '.join(missing)}")
-        try:
-            src, _ = read_video(sample["src.mp4"])
-            style, _ = read_video(sample["style.mp4"])
-            meta = json.loads(sample["json"])
-        except (VideoError, ValueError) as err:
-            raise ShardError(f"{url}: sample {key}: {err}") from None
-        # A cut or damaged mp4 still decodes its first frames: compare with the geometry the json recorded.
-        want = [meta.get(k) for k in ("frames", "height", "width")]
-        for part, frames in (("src.mp4", src), ("style.mp4", style)):
-            if None not in want and list(frames.shape[:3]) != want:
-                raise ShardError(
-                    f"{url}: sample {key}: {part} decodes to {list(frames.shape[:3])} frames x height x width, "
-                    f"the json says {want} (a truncated or corrupt clip)"
-                )
-        yield {"key": key, "src": src, "style": style, "meta": meta}
-
-
-def write_preview(out_dir: Path, results: list[dict[str, Any]], n: int, fps: int) -> Path | None:
-    """``preview.gif``: ``n`` clips spread over the stage's output, one row each (source | style).
-
-    Column titles on top; above each row its style and prompt (the caption the adapter trains with)."""
-    target = out_dir / "preview.gif"
-    keys = [(r["shard"], k) for r in results for k in r["keys"]]
-    if n <= 0 or not keys:
-        target.unlink(missing_ok=True)
-        return None
-    chosen = [
-        keys[i]
-        for i in sorted({round(i * (len(keys) - 1) / max(1, n - 1)) for i in range(min(n, len(keys)))})
-    ]
-    rows, labels = [], []
-    for shard in dict.fromkeys(s for s, _ in chosen):
-        want = {k for s, k in chosen if s == shard}
-        for clip in _iter_clip_shards([out_dir / shard], keys=want):
-            gap = np.full_like(clip["src"][:, :, :2], 255)
-            rows.append(np.concatenate([clip["src"], gap, clip["style"]], axis=2))
-            meta = clip["meta"]
-            labels.append(f"{meta.get('style_name') or meta.get('style') or '?'}: {meta.get('caption', '')}")
-    t = min(len(r) for r in rows)
-    width = min(rows[0].shape[2], 2 * PREVIEW_CELL_WIDTH + 2)
-    scaled = []
-    for r in rows:
-        h = round(r.shape[1] * width / r.shape[2])
-        scaled.append(np.stack([cv2.resize(f, (width, h), interpolation=cv2.INTER_AREA) for f in r[:t]]))
-    sep = np.full((t, 2, width, 3), 255, np.uint8)
-    half = (width - 2) // 2
-    titles = np.concatenate([text_strip(half, "source"), text_strip(width - half, "style (target)")], axis=1)
-    parts = [np.repeat(titles[None], t, axis=0)]
-    for r, label in zip(scaled, labels, strict=True):
-        parts += [sep, np.repeat(text_strip(width, label)[None], t, axis=0), r]
-    grid = np.concatenate(parts, axis=1)
-    return write_gif(target, grid, fps)

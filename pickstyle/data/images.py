@@ -182,3 +182,22 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float) -> Path:
             loop=0,
         )
     return Path(path)
+
+
+def write_still(path: str | Path, rows: list[tuple[str, np.ndarray]], picks: int = 4, scale: int = 2) -> Path:
+    """A PNG to look at: one labelled row per clip (``(label, uint8 [T, H, W, 3])``), ``picks`` frames evenly
+    spaced over time side by side, enlarged ``scale`` x (nearest); written atomically; returns ``path``."""
+    length = min(len(clip) for _, clip in rows)
+    times = sorted({round(i * (length - 1) / max(1, picks - 1)) for i in range(picks)})
+    height, width = rows[0][1].shape[1:3]
+    gap = np.full((height, 4, 3), 255, np.uint8)
+    lines = []
+    for label, clip in rows:
+        frames = [x for t in times for x in (clip[t], gap)][:-1]
+        line = np.concatenate(frames, axis=1)
+        lines.append(np.concatenate([text_strip(line.shape[1], label, height=12), line], axis=0))
+    still = np.concatenate(lines, axis=0)
+    still = np.repeat(np.repeat(still, scale, axis=0), scale, axis=1)
+    with atomic_path(path) as tmp:
+        Image.fromarray(still).save(tmp, format="PNG")
+    return Path(path)

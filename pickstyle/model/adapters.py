@@ -2,11 +2,12 @@
 
 A LoRA layer computes ``W0 x + (alpha / r) B A x`` (``B`` starts at zero, so a new adapter leaves the backbone's
 output unchanged). Adapters are saved in diffusers' LoRA format *with* the peft config as metadata: without it
-``load_lora_weights`` would silently reset alpha to r (DESIGN §3).
+``load_lora_weights`` would silently reset alpha to r (docs/method.md §3).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -171,6 +172,28 @@ def _write_adapter(
         }
         write_json(tmp / INFO_NAME, info)
     return out_dir
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """sha256 of the adapter's weights file, which also carries its LoRA config (rank, alpha, targets) as
+    safetensors metadata. ``pickstyle_adapter.json`` is left out: it records the run (MLflow run id, final loss),
+    so two runs that train the same weights register as one version.
+
+    The file is hashed canonically (header JSON with sorted keys, then the tensor bytes): safetensors writes its
+    metadata map in a per-process random order, so the same adapter's raw bytes can differ between two runs.
+    """
+    weights = Path(adapter_dir) / WEIGHT_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{adapter_dir}: no trained adapter (missing {WEIGHT_NAME}; run the train stage)")
+    data = weights.read_bytes()
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{weights}: not a safetensors file ({err})") from None
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    h.update(data[8 + size :])
+    return h.hexdigest()
 
 
 def read_adapter_info(adapter_dir: str | Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ TeaCache (Liu et al., https://arxiv.org/abs/2411.19108) skips the transformer bl
 model's input has barely changed and adds back the residual (block output − block input) of the last fully
 computed step. diffusers' FirstBlockCache and MagCache are wrong on VACE: they cache the main blocks only,
 while the VACE hints are added inside that block loop, so on cached steps the hints get added twice
-(shared/DESIGN.md §3). Here the whole stack, VACE context blocks AND main blocks, is skipped together:
+(docs/method.md §3). Here the whole stack, VACE context blocks AND main blocks, is skipped together:
 
     residual = hidden state before ``norm_out`` − hidden state after ``patch_embedding``
 

@@ -9,6 +9,7 @@ in-process tokenizer and Wan's flow-matching UniPC scheduler; :mod:`pickstyle.pr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,7 +175,7 @@ def tiny_text_config(tiny: TinyBackbone, vocab_size: int):
 
 
 def real_config(name: str) -> dict[str, Any]:
-    """The transformer config of Wan2.1-VACE 1.3B or 14B (DESIGN §2), for random-init benchmarks.
+    """The transformer config of Wan2.1-VACE 1.3B or 14B (docs/method.md §2), for random-init benchmarks.
 
     Args:
         name: ``wan-1.3b`` or ``wan-14b``.
@@ -315,6 +316,29 @@ def backbone_path(params: Params) -> Path:
             "(e.g. -S model.path=/models/Wan2.1-VACE-1.3B-diffusers)"
         )
     return Path(params.model.path)
+
+
+def backbone_fingerprint(path: str | Path, sample: int = 1 << 20) -> str:
+    """The backbone's identity, the one every stage uses (latent cache, training checkpoints, the registry).
+
+    sha256 over each file's relative path and, for configs and tokenizer files, its bytes; for weight files their
+    size and first and last MiB. Cheap on a 30 GB folder, stable across copies, and a retrained tiny backbone
+    (same sizes, new weights) gets a new identity.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(str(p.relative_to(path)).encode())
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            if p.suffix in (".json", ".txt", ".model") or size <= 2 * sample:
+                h.update(f.read())
+            else:
+                h.update(str(size).encode())
+                h.update(f.read(sample))
+                f.seek(size - sample)
+                h.update(f.read(sample))
+    return h.hexdigest()
 
 
 def _weight_present(folder: Path, stem: str) -> bool:

@@ -1,7 +1,7 @@
 """The PickStyle sampler: a ``WanVACEPipeline`` with its own denoising loop (CFG, CS-CFG, APG, skip, cache).
 
 diffusers' callbacks run after the scheduler step and cannot change how the predictions are combined, so
-the loop is re-written here (shared/DESIGN.md §3); everything else (prompt encoding, VACE context encoding,
+the loop is re-written here (docs/method.md §3); everything else (prompt encoding, VACE context encoding,
 masks, noise) reuses the parent's helpers unchanged. The source video enters the VACE context with
 mask = ones: "reactive" = VAE(video), "inactive" = VAE(zeros), plus the 64-channel mask (96 channels).
 

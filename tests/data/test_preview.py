@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pickstyle.data.clips import text_strip, write_preview
+from pickstyle.data.clip_preview import write_preview
+from pickstyle.data.images import text_strip
 from pickstyle.data.shards import ShardSink
 from pickstyle.data.video import encode_video
 

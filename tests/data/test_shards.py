@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pickstyle.data.clips import iter_clips
+from pickstyle.data.clip_reader import iter_clips
 from pickstyle.data.shards import ShardError, ShardSink, iter_samples
 from pickstyle.data.video import encode_video
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-# offline hygiene (shared/DESIGN.md §3): no telemetry from Prefect, nothing fetched
+# offline hygiene (docs/method.md §3): no telemetry from Prefect, nothing fetched
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
