@@ -31,7 +31,8 @@ import torch
 from results import write_section  # bench/results.py (bench/ is on sys.path when run as a script)
 
 from pickstyle.config import parse_params
-from pickstyle.model.pipeline import PickStylePipeline, plan_windows
+from pickstyle.model.pipeline import PickStylePipeline
+from pickstyle.model.windows import plan_windows
 from pickstyle.stylize import stylize_frames
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -168,6 +168,12 @@ class Profile(_Section):
         return v
 
 
+#: The tiny profile's LoRA targets: every linear layer of the VACE blocks (self- and cross-attention, the
+#: feed-forward and the hint projection). The paper's attn1 q/k/v alone cannot teach the tiny backbone a style
+#: (README: The tiny backbone); the real profiles keep the paper's.
+TINY_LORA_TARGETS = r"vace_blocks\.\d+\.(?:attn1\.to_(?:q|k|v|out\.0)|attn2\.to_(?:q|k|v|out\.0)|ffn\.net\.(?:0\.proj|2)|proj_out)"
+
+
 def _default_profiles() -> dict[str, Profile]:
     return {
         "tiny": Profile(
@@ -178,6 +184,7 @@ def _default_profiles() -> dict[str, Profile]:
             fps=8,
             lora_rank=32,
             lora_alpha=32.0,
+            lora_targets=TINY_LORA_TARGETS,
             train_steps=600,
             gradient_checkpointing=False,
             sample_steps=8,
@@ -281,19 +288,22 @@ class Pretrain(_Section):
     seed: int = 0
     #: Built-in styles kept out of pretraining entirely (the adapter must learn them from nothing).
     holdout_styles: list[str] = Field(default_factory=lambda: ["sepia"])
-    vae_frame_steps: int = Field(default=700, ge=0)
-    vae_clip_steps: int = Field(default=1000, ge=0)
+    vae_frame_steps: int = Field(default=900, ge=0)
+    vae_clip_steps: int = Field(default=700, ge=0)
     vae_batch: int = Field(default=8, ge=1)
     vae_lr: float = Field(default=2e-3, gt=0)
+    vae_warmup_steps: int = Field(default=50, ge=0)
     #: Share of the VAE's images that are procedural (noise, gradients, patterns, shapes, strokes, jittered photo
     #: crops at any zoom: ``pickstyle/data/textures.py``); the rest are built-in photo clips and scenes.
-    vae_texture_share: float = Field(default=0.6, ge=0, le=1)
+    vae_texture_share: float = Field(default=0.3, ge=0, le=1)
     #: Clips in the transformer's latent set (each rendered once with its own motion, crop, task and style).
-    clips: int = Field(default=640, ge=8)
-    steps: int = Field(default=3000, ge=0)
+    clips: int = Field(default=1200, ge=8)
+    steps: int = Field(default=4500, ge=0)
     batch_size: int = Field(default=2, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=100, ge=0)
+    #: AdamW weight decay of the transformer (the VAE and decoder phases use none).
+    weight_decay: float = Field(default=0.01, ge=0)
     #: Training timestep shift of the pretraining (lower than the adapters' 5: small latents need less noise).
     shift: float = Field(default=3.0, gt=0)
     #: Relative weights of the transformer's tasks (as Wan-VACE: structure controls with free text):
@@ -336,7 +346,10 @@ class Pretrain(_Section):
     #: fine-tuned on clips with L1 + MSE; sharpens every decoded output.
     decoder_steps: int = Field(default=300, ge=0)
     decoder_lr: float = Field(default=5e-4, gt=0)
+    decoder_warmup_steps: int = Field(default=20, ge=0)
     log_every: int = Field(default=50, ge=1)
+    #: Every phase checkpoints (model, optimizer, curve) every this many steps and at its end.
+    checkpoint_every: int = Field(default=100, ge=1)
     device: str = "auto"
 
     @field_validator("task_mix")
@@ -413,7 +426,7 @@ class Train(_Section):
 
 #: Guidance modes of :class:`~pickstyle.model.pipeline.PickStylePipeline` (its module docstring has the formulas).
 Guidance = Literal["none", "cfg", "cfg_joint", "cs_cfg", "cs_cfg_apg"]
-#: Schedulers :func:`~pickstyle.model.pipeline.make_scheduler` builds.
+#: Schedulers :func:`~pickstyle.model.schedulers.make_scheduler` builds.
 Scheduler = Literal["unipc", "dpmpp", "euler"]
 GUIDANCE_MODES: tuple[str, ...] = get_args(Guidance)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
 from safetensors.torch import load, load_file, save, save_file
 from tqdm.auto import tqdm
 
@@ -39,6 +38,7 @@ from pickstyle.data.clip_reader import iter_clips
 from pickstyle.data.shards import ShardProgress, ShardSink, files_fingerprint, iter_samples, list_shards
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
+from pickstyle.model import latent_space
 from pickstyle.model.components import (
     backbone_fingerprint,
     backbone_path,
@@ -81,29 +81,6 @@ def _check_geometry(
         raise LatentsError(f"height and width must be multiples of {base}, got {height}x{width}")
     if (t - 1) % 4:
         raise LatentsError(f"clip has {t} frames; the VAE needs 4n+1")
-
-
-def _normalised_latents(pipe: Any, videos: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """VAE mode of ``videos`` [b, 3, T, H, W], normalised with the VAE's latents mean/std (fp32) as the pipeline."""
-
-    z_dim = pipe.vae.config.z_dim
-    mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=torch.float32).view(
-        1, z_dim, 1, 1, 1
-    )
-    std = torch.tensor(pipe.vae.config.latents_std, device=device, dtype=torch.float32).view(
-        1, z_dim, 1, 1, 1
-    )
-    z = retrieve_latents(pipe.vae.encode(videos.to(pipe.vae.dtype)), None, sample_mode="argmax")
-    return (z.float() - mean) * (1.0 / std)
-
-
-def _zeros_latent(pipe: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Normalised VAE(zeros) of a video ``shape``: the context's inactive half, the same for every clip."""
-    cache = pipe.__dict__.setdefault("_pickstyle_zeros_latent", {})
-    key = (shape, str(device), str(pipe.vae.dtype))
-    if key not in cache:
-        cache[key] = _normalised_latents(pipe, torch.zeros(shape, device=device), device)
-    return cache[key]
 
 
 @torch.no_grad()
@@ -155,13 +132,14 @@ def encode_clip(
     style, _, _ = pipe.preprocess_conditions(
         _pil_frames(style_frames, "style"), None, None, 1, height, width, num_frames, torch.float32, device
     )
-    both = _normalised_latents(pipe, torch.cat([video, style]), device)  # [2, 16, f, h, w] fp32
+    both = latent_space.encode(pipe.vae, torch.cat([video, style]))  # [2, 16, f, h, w] fp32
     reactive, target = both[:1], both[1:]
-    inactive = _zeros_latent(pipe, tuple(video.shape), device)  # [1, 16, f, h, w] fp32
+    inactive = latent_space.zeros_latent(pipe.vae, tuple(video.shape), device)  # [1, 16, f, h, w] fp32
     vae_dtype = pipe.vae.dtype
-    video_latents = torch.cat([inactive.to(vae_dtype), reactive.to(vae_dtype)], dim=1)  # [1, 32, f, h, w]
     masks = pipe.prepare_masks(mask, refs, None)  # [1, 64, f, h, w]
-    context = torch.cat([video_latents, masks], dim=1).to(transformer_dtype)  # [1, 96, f, h, w]
+    # [1, 96, f, h, w]; the latents pass through the VAE's dtype first, as the pipeline's context does
+    context = latent_space.vace_context(inactive.to(vae_dtype), reactive.to(vae_dtype), masks)
+    context = context.to(transformer_dtype)
     source = reactive.to(vae_dtype).float()  # the reactive half, as stored in the context
 
     prompt_embeds, _ = pipe.encode_prompt(
@@ -213,7 +191,7 @@ def null_prompt(pipe: Any, device: str | torch.device) -> torch.Tensor:
 
 def build_context(source: torch.Tensor, constants: dict[str, torch.Tensor]) -> torch.Tensor:
     """The 96-channel VACE context ``[VAE(0), source, mask]`` of one clip (``source`` ``[16, f, h, w]``)."""
-    return torch.cat([constants["inactive"].to(source), source, constants["mask"].to(source)], dim=0)
+    return latent_space.vace_context(constants["inactive"], source, constants["mask"])
 
 
 def cache_bytes_per_clip(

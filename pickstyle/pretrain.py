@@ -37,161 +37,36 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
-from pickstyle.config import WAN_NEGATIVE_PROMPT, Params, Pretrain
-from pickstyle.data.controls import CONTROLS, apply_control
+from pickstyle.config import WAN_NEGATIVE_PROMPT, Params
 from pickstyle.data.footage import heldout_clips
-from pickstyle.data.motion import draw_spec, render_pair
-from pickstyle.data.scenes import _photos, draw_scene, render_scene
-from pickstyle.data.styles import STYLES, apply_style, style_caption_name
-from pickstyle.data.textures import random_image
-from pickstyle.errors import PickstyleError
-from pickstyle.files import atomic_path, resolve_device
-from pickstyle.flow_matching import add_noise, flow_target, sample_sigmas
-from pickstyle.model.components import (
-    calibrate_vae,
-    init_tiny_pipeline,
-    prompt_length,
-    save_backbone,
+from pickstyle.data.pretrain_set import (
+    CHECK_SCENE_OFFSET,
+    DIT_PHASE,
+    PretrainError,
+    phase_generator,
+    phase_rng,
+    pretrain_styles,
+    render_clip,
+    set_clip,
+    to_video,
+    vae_batch,
 )
+from pickstyle.files import atomic_path, resolve_device
+from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
+from pickstyle.model import latent_space
+from pickstyle.model.components import calibrate_vae, init_tiny_pipeline, prompt_length, save_backbone
+from pickstyle.schedules import warmup_cosine
 
-#: Short side of a photo crop before it is styled (as the pairs stage's 128 px pairs).
-CROP_SIDE = 128
-#: Frames of the VAE's clip phase: 1 + 4, the shortest clip that exercises the causal cache past the first frame.
-VAE_CLIP_FRAMES = 5
-#: Scene indices used by pretraining (the evaluation's test scenes are 0, 1, 2, …; the VAE check uses 20000+).
-SCENE_OFFSET = 10_000
-CHECK_SCENE_OFFSET = 20_000
-#: Phase ids (part of every per-step seed).
-_VAE, _SET, _DIT = 1, 2, 3
+__all__ = ["PretrainError", "footage_check", "pretrain", "pretrain_styles", "vae_check", "work_dir"]
 
 Log = Callable[[str], None]
-
-
-class PretrainError(PickstyleError):
-    """The pretrain stage cannot run (bad settings)."""
-
-
-# --- data the project makes itself ------------------------------------------------------------------------------
-
-
-def pretrain_styles(cfg: Pretrain) -> list[str]:
-    """The built-in styles pretraining uses: all but ``holdout_styles``."""
-    unknown = [s for s in cfg.holdout_styles if s not in STYLES]
-    if unknown:
-        raise PretrainError(f"pretrain.holdout_styles: unknown style(s) {unknown}; known: {sorted(STYLES)}")
-    bad = [c for c in cfg.controls if c not in CONTROLS]
-    if bad or not cfg.controls:
-        raise PretrainError(f"pretrain.controls: unknown or none {bad}; known: {sorted(CONTROLS)}")
-    return [s for s in STYLES if s not in cfg.holdout_styles]
-
-
-def _rng(seed: int, phase: int, step: int) -> np.random.Generator:
-    return np.random.default_rng([seed, phase, step])
-
-
-def _torch_gen(seed: int, phase: int, step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{phase}:{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8]) >> 1)
-
-
-def _photo_crop(rng: np.random.Generator, aspect: float) -> tuple[str, np.ndarray]:
-    """A random crop of a random built-in photo with ``width / height = aspect``, short side :data:`CROP_SIDE`."""
-    photos = _photos()
-    _, desc, img = photos[int(rng.integers(len(photos)))]
-    h0, w0 = img.shape[:2]
-    frac = rng.uniform(0.35, 1.0)
-    ch = int(min(h0, w0 / aspect) * frac)
-    cw = int(ch * aspect)
-    y, x = int(rng.integers(0, h0 - ch + 1)), int(rng.integers(0, w0 - cw + 1))
-    crop = img[y : y + ch, x : x + cw]
-    size = (int(round(CROP_SIDE * aspect)), CROP_SIDE)
-    crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if ch > CROP_SIDE else cv2.INTER_LINEAR)
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    return desc, np.ascontiguousarray(crop)
-
-
-def _scene_settings(params: Params) -> dict[str, Any]:
-    p = params.active
-    return {
-        "seed": params.pretrain.seed,
-        "height": p.height,
-        "width": p.width,
-        "test_objects": params.pretrain.scene_objects,
-        "styles": pretrain_styles(params.pretrain),
-    }
-
-
-def render_clip(
-    rng: np.random.Generator,
-    params: Params,
-    frames: int,
-    style: str | None,
-    scene_index: int | None,
-    image: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """One (source, styled) clip pair, uint8 ``[frames, h, w, 3]`` each, and the source's description.
-
-    ``scene_index``: a procedural scene with moving cut-outs; else a photo crop (or ``image``) under a camera
-    motion drawn from ``pretrain.motion_mix`` (the same motion on both). ``style=None``: the styled clip is the
-    source.
-    """
-    h, w = params.active.height, params.active.width
-    if scene_index is not None:
-        spec = draw_scene(scene_index, _scene_settings(params))
-        src = render_scene(spec, frames, h, w)
-        desc = next(d for pid, d, _ in _photos() if pid == spec["background"])
-        sty = np.stack([apply_style(style, f) for f in src]) if style else src
-        return src, sty, desc
-    desc, crop = _photo_crop(rng, w / h) if image is None else ("A procedural texture.", image)
-    styled = apply_style(style, crop) if style else crop
-    c = params.pretrain
-    spec = draw_spec(
-        int(rng.integers(2**31)), mix=dict(c.motion_mix), static_prob=c.static_prob, flip_prob=0.0
-    )
-    src, sty = render_pair(crop, styled, spec, frames, h, w)
-    return src, sty, desc
-
-
-def _to_video(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``[T, h, w, 3]`` -> float ``[3, T, h, w]`` in [-1, 1] (the pipeline's preprocessing)."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-
-
-def _vae_batch(params: Params, step: int) -> torch.Tensor:
-    """The VAE's batch of ``step``: single frames (first phase) or short clips (second), photos and scenes."""
-    cfg = params.pretrain
-    rng = _rng(cfg.seed, _VAE, step)
-    styles = pretrain_styles(cfg)
-    clip_phase = step >= cfg.vae_frame_steps
-    n, frames = (max(1, cfg.vae_batch // 4), VAE_CLIP_FRAMES) if clip_phase else (cfg.vae_batch, 1)
-    videos = []
-    h, w = params.active.height, params.active.width
-    photos = [img for _, _, img in _photos()]
-    for _ in range(n):
-        style = styles[int(rng.integers(len(styles)))] if rng.random() < 0.6 else None
-        if rng.random() < cfg.vae_texture_share:
-            if not clip_phase and rng.random() < 0.5:  # straight at the frame size: the finest grain survives
-                img = random_image(rng, h, w, photos)
-                video = (apply_style(style, img) if style and rng.random() < 0.3 else img)[None]
-            else:
-                img = random_image(rng, CROP_SIDE, int(round(CROP_SIDE * w / h)), photos)
-                src, sty, _ = render_clip(rng, params, max(frames, 5), style, None, image=img)
-                video = sty if style and rng.random() < 0.3 else src
-            videos.append(_to_video(video[:frames]))
-            continue
-        scene = SCENE_OFFSET + int(rng.integers(100_000)) if rng.random() < cfg.scene_share else None
-        src, sty, _ = render_clip(rng, params, max(frames, 5), style, scene)
-        video = sty if style and rng.random() < 0.5 else src
-        videos.append(_to_video(video[:frames]))
-    return torch.stack(videos)  # [b, 3, frames, h, w]
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -206,10 +81,10 @@ def work_dir(params: Params) -> Path:
 #: changing, say, ``steps`` resumes the finished VAE and latent set and retrains only the transformer onwards.
 _PHASE_FIELDS = {
     "vae": ("seed", "holdout_styles", "vae_frame_steps", "vae_clip_steps", "vae_batch", "vae_lr",
-            "vae_texture_share", "scene_share", "scene_objects", "motion_mix", "static_prob"),
+            "vae_warmup_steps", "vae_texture_share", "scene_share", "scene_objects", "motion_mix", "static_prob"),
     "latents": ("clips", "task_mix", "controls"),
-    "transformer": ("steps", "batch_size", "lr", "warmup_steps", "shift", "null_text_prob"),
-    "decoder": ("decoder_steps", "decoder_lr"),
+    "transformer": ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "shift", "null_text_prob"),
+    "decoder": ("decoder_steps", "decoder_lr", "decoder_warmup_steps"),
 }  # fmt: skip
 
 
@@ -246,36 +121,77 @@ def _load_state(path: Path, key: str, log: Log) -> dict[str, Any] | None:
     return state
 
 
-def _resume(path: Path, key: str, model, opt, history: list[dict], log: Log, name: str, total: int) -> int:
-    """Load a phase's checkpoint (model, optimizer, curve) when it matches ``key``; returns the step to start at."""
-    state = _load_state(path, key, log)
-    if state is None:
-        return 0
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    history.extend(state["history"])
-    log(f"{name}: resumed at step {state['step']}/{total}")
-    return state["step"]
+# --- the one phase loop -----------------------------------------------------------------------------------------
 
 
-def _checkpoint(path: Path, key: str, step: int, model, opt, history: list[dict], phase: str) -> None:
-    """Save a phase's checkpoint, mirroring :func:`_resume`: model, optimizer and that phase's curve."""
-    state = {
-        "key": key,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "history": [r for r in history if r["phase"] == phase],
-    }
-    _save_state(path, state)
+@dataclass
+class Phase:
+    """One optimisation phase: what it trains, how long, at which learning rate, and what one step computes.
+
+    ``step_fn(step)`` returns the step's loss (a tensor to back-propagate) and, optionally, a callable giving extra
+    numbers to log (called only on logging steps, e.g. the batch's PSNR).
+    """
+
+    name: str
+    module: torch.nn.Module  # saved and restored by the phase's checkpoint
+    trainable: list[torch.nn.Parameter]
+    steps: int
+    lr: float
+    warmup: int
+    step_fn: Callable[[int], tuple[torch.Tensor, Callable[[], dict[str, float]] | None]]
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    #: Log the mean loss since the last log line (the noisy flow-matching loss) instead of the last batch's
+    #: (which goes with the last batch's PSNR).
+    running_mean: bool = False
 
 
-def _lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to ``floor`` of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    tau = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, tau)))
+def run_phase(phase: Phase, params: Params, device: torch.device, log: Log, history: list[dict]) -> None:
+    """AdamW with linear warm-up then cosine decay, gradient clipping at 1, a checkpoint every
+    ``pretrain.checkpoint_every`` steps (model, optimizer and curve) that a rerun with the same settings resumes."""
+    cfg = params.pretrain
+    path, key = work_dir(params) / f"{phase.name}.pt", _settings_key(params, phase.name)
+    opt = torch.optim.AdamW(phase.trainable, lr=phase.lr, weight_decay=phase.weight_decay, betas=phase.betas)
+    start, state = 0, _load_state(path, key, log)
+    if state is not None:
+        phase.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history.extend(state["history"])
+        start = state["step"]
+        log(f"pretrain/{phase.name}: resumed at step {start}/{phase.steps}")
+    if start >= phase.steps:
+        return
+    phase.module.to(device).train()
+    t0, running = time.perf_counter(), []
+    for step in range(start, phase.steps):
+        for group in opt.param_groups:
+            group["lr"] = phase.lr * warmup_cosine(step, phase.warmup, phase.steps)
+        loss, extra = phase.step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(phase.trainable, 1.0)
+        opt.step()
+        running.append(loss.item())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == phase.steps:
+            shown_loss = float(np.mean(running)) if phase.running_mean else running[-1]
+            row = {"phase": phase.name, "step": done, "loss": round(shown_loss, 5)}
+            row.update({k: round(v, 3) for k, v in (extra() if extra else {}).items()})
+            running = []
+            history.append(row)
+            rate = (done - start) / (time.perf_counter() - t0)
+            shown = " ".join(f"{k} {v}" for k, v in row.items() if k not in ("phase", "step"))
+            log(f"pretrain/{phase.name} step {done}/{phase.steps} {shown} ({rate:.2f} steps/s)")
+        if done % cfg.checkpoint_every == 0 or done == phase.steps:
+            own = [r for r in history if r["phase"] == phase.name]
+            state = {
+                "key": key,
+                "step": done,
+                "model": phase.module.state_dict(),
+                "optimizer": opt.state_dict(),
+            }
+            _save_state(path, {**state, "history": own})
+    phase.module.eval()
 
 
 # --- phase 1: the VAE -------------------------------------------------------------------------------------------
@@ -287,44 +203,38 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
+def _vae_step(vae: Any, params: Params, device: torch.device, offset: int, frozen_encoder: bool):
+    """A VAE step: L1 (``+ MSE`` for the decoder fine-tune, encoder frozen) on the batch of step ``offset + i``."""
+
+    def step_fn(step: int):
+        x = vae_batch(params, offset + step).to(device)
+        if frozen_encoder:
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+        else:
+            z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample
+        loss = (y - x).abs().mean()
+        if frozen_encoder:
+            loss = loss + ((y - x) ** 2).mean()
+        return loss, lambda: {"psnr": psnr(y, x)}
+
+    return step_fn
+
+
 def train_vae(pipe: Any, params: Params, device: torch.device, log: Log, history: list[dict]) -> None:
     """Phase 1: L1 reconstruction, frame-first (``vae_frame_steps``) then 5-frame clips (``vae_clip_steps``)."""
     cfg = params.pretrain
-    vae = pipe.vae
-    total = cfg.vae_frame_steps + cfg.vae_clip_steps
-    path, key = work_dir(params) / "vae.pt", _settings_key(params, "vae")
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    start = _resume(path, key, vae, opt, history, log, "pretrain/vae", total)
-    if start >= total:
-        return
-    vae.to(device).train()
-    t0 = time.perf_counter()
-    for step in range(start, total):
-        for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * _lr_factor(step, 50, total)
-        x = _vae_batch(params, step).to(device)
-        z = vae.encode(x).latent_dist.mode()
-        y = vae.decode(z).sample
-        loss = (y - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            row = {
-                "phase": "vae",
-                "step": step + 1,
-                "loss": round(loss.item(), 5),
-                "psnr": round(psnr(y, x), 3),
-            }
-            history.append(row)
-            log(
-                f"pretrain/vae step {step + 1}/{total} L1 {row['loss']:.4f} PSNR {row['psnr']:.2f} dB "
-                f"({time.perf_counter() - t0:.0f} s)"
-            )
-        if (step + 1) % 100 == 0 or step + 1 == total:
-            _checkpoint(path, key, step + 1, vae, opt, history, "vae")
-    vae.eval()
+    phase = Phase(
+        name="vae",
+        module=pipe.vae,
+        trainable=list(pipe.vae.parameters()),
+        steps=cfg.vae_frame_steps + cfg.vae_clip_steps,
+        lr=cfg.vae_lr,
+        warmup=cfg.vae_warmup_steps,
+        step_fn=_vae_step(pipe.vae, params, device, 0, frozen_encoder=False),
+    )
+    run_phase(phase, params, device, log, history)
 
 
 @torch.no_grad()
@@ -334,9 +244,9 @@ def vae_check(pipe: Any, params: Params, device: torch.device, clips: int = 4) -
     frames = params.active.frames
     for i in range(clips):
         src, _, _ = render_clip(
-            _rng(params.pretrain.seed, 9, i), params, frames, None, CHECK_SCENE_OFFSET + i
+            phase_rng(params.pretrain.seed, 9, i), params, frames, None, CHECK_SCENE_OFFSET + i
         )
-        x = _to_video(src)[None].to(device)
+        x = to_video(src)[None].to(device)
         y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
         values.append(psnr(y, x))
     return float(np.mean(values))
@@ -348,7 +258,7 @@ def footage_check(pipe: Any, params: Params, device: torch.device) -> dict[str, 
     p = params.active
     values = {}
     for name, clip in heldout_clips(p.frames, p.height, p.width):
-        x = _to_video(clip)[None].to(device)
+        x = to_video(clip)[None].to(device)
         y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
         values[name] = round(psnr(y, x), 3)
     values["mean"] = round(float(np.mean(list(values.values()))), 3) if values else float("nan")
@@ -358,17 +268,9 @@ def footage_check(pipe: Any, params: Params, device: torch.device) -> dict[str, 
 # --- phase 2: the latent set ------------------------------------------------------------------------------------
 
 
-def _normalise(pipe: Any, z: torch.Tensor) -> torch.Tensor:
-    cfg = pipe.vae.config
-    mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1, 1)
-    return (z.float() - mean) / std
-
-
 @torch.no_grad()
 def _encode(pipe: Any, frames: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = _to_video(frames)[None].to(device)
-    return _normalise(pipe, pipe.vae.encode(x).latent_dist.mode())[0].cpu()  # [16, f, h, w]
+    return latent_space.encode(pipe.vae, to_video(frames)[None].to(device))[0].cpu()  # [16, f, h, w]
 
 
 @torch.no_grad()
@@ -382,18 +284,10 @@ def _embed(pipe: Any, caption: str, device: torch.device) -> torch.Tensor:
     return embeds[0].cpu()
 
 
-def _draw_task(rng: np.random.Generator, mix: dict[str, float]) -> str:
-    names = sorted(mix)
-    weights = np.array([mix[n] for n in names], np.float64)
-    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
-
-
 def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) -> dict[str, Any]:
-    """Phase 2: render and encode the transformer's clips (after calibrating the VAE's latent statistics).
-
-    Each clip gets one task of ``pretrain.task_mix``; its target latent, its context's reactive latent (the RGB
-    source, a structure control of it, or none for text-to-video) and its caption are stored (fp16 latents).
-    """
+    """Phase 2: render (:func:`~pickstyle.data.pretrain_set.set_clip`) and encode the transformer's clips, after
+    calibrating the VAE's latent statistics. Stores each clip's target latent, its context's reactive latent (zeros
+    for text-to-video, flagged by ``has_context``) as fp16, its caption and task."""
     cfg = params.pretrain
     path, key = work_dir(params) / "latents.pt", _settings_key(params, "latents")
     state = _load_state(path, key, log)
@@ -401,37 +295,28 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
         pipe.vae.register_to_config(latents_mean=state["latents_mean"], latents_std=state["latents_std"])
         return state
     frames = params.active.frames
-    styles = pretrain_styles(cfg)
     # Latent statistics of the trained VAE, on clips of the set's own kind.
-    calib = [render_clip(_rng(cfg.seed, 8, i), params, frames, None, None)[0] for i in range(8)]
-    calibrate_vae(pipe.vae, torch.stack([_to_video(c) for c in calib]).to(device))
+    calib = [render_clip(phase_rng(cfg.seed, 8, i), params, frames, None, None)[0] for i in range(8)]
+    calibrate_vae(pipe.vae, torch.stack([to_video(c) for c in calib]).to(device))
     targets, contexts, has_context, captions, tasks = [], [], [], [], []
     t0 = time.perf_counter()
     for i in range(cfg.clips):
-        rng = _rng(cfg.seed, _SET, i)
-        task = _draw_task(rng, cfg.task_mix)
-        style = styles[int(rng.integers(len(styles)))] if task in ("control_style", "text_style") else None
-        scene = SCENE_OFFSET + i if rng.random() < cfg.scene_share else None
-        src, sty, desc = render_clip(rng, params, frames, style, scene)
-        target = _encode(pipe, sty, device)
-        if task == "reconstruct":
-            context, caption = target, f"reconstruct. {desc}"
-        elif task.startswith("control"):
-            control = cfg.controls[int(rng.integers(len(cfg.controls)))]
-            context = _encode(pipe, apply_control(control, src), device)
-            caption = f"{style_caption_name(style)} style. {desc}" if style else desc
+        clip = set_clip(params, i)
+        target = _encode(pipe, clip["target"], device)
+        if clip["task"] == "reconstruct":
+            context = target  # the RGB source is the target: encoded once
+        elif clip["context"] is not None:
+            context = _encode(pipe, clip["context"], device)
         else:
-            context, caption = None, f"{style_caption_name(style)} style. {desc}" if style else desc
+            context = None
         targets.append(target.half())
         contexts.append((context if context is not None else torch.zeros_like(target)).half())
         has_context.append(context is not None)
-        captions.append(caption)
-        tasks.append(task)
+        captions.append(clip["caption"])
+        tasks.append(clip["task"])
         if (i + 1) % 100 == 0:
             log(f"pretrain/latents {i + 1}/{cfg.clips} ({time.perf_counter() - t0:.0f} s)")
     unique = sorted(set(captions))
-    embeds = {c: _embed(pipe, c, device) for c in unique}
-    null = _embed(pipe, WAN_NEGATIVE_PROMPT, device)
     state = {
         "key": key,
         "targets": torch.stack(targets),
@@ -439,8 +324,8 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
         "has_context": torch.tensor(has_context),
         "captions": captions,
         "tasks": tasks,
-        "embeds": embeds,
-        "null": null,
+        "embeds": {c: _embed(pipe, c, device) for c in unique},
+        "null": _embed(pipe, WAN_NEGATIVE_PROMPT, device),
         "latents_mean": list(pipe.vae.config.latents_mean),
         "latents_std": list(pipe.vae.config.latents_std),
     }
@@ -450,22 +335,14 @@ def build_latent_set(pipe: Any, params: Params, device: torch.device, log: Log) 
     return state
 
 
-def _zero_context_latent(pipe: Any, params: Params, device: torch.device) -> torch.Tensor:
-    """Normalised VAE(zeros) exactly as the pipeline makes the context's inactive half (zeros in [-1, 1])."""
-    h, w, f = params.active.height, params.active.width, params.active.frames
-    with torch.no_grad():
-        z = pipe.vae.encode(torch.zeros(1, 3, f, h, w, device=device)).latent_dist.mode()
-    return _normalise(pipe, z)[0].cpu()
-
-
 # --- phase 3: the transformer -----------------------------------------------------------------------------------
 
 
 def _batch(data: dict[str, Any], zeros: torch.Tensor, mask_channels: int, params: Params, step: int):
     """Latents, contexts and text embeddings of one step, and its noise and sigmas."""
     cfg = params.pretrain
-    rng = _rng(cfg.seed, _DIT, step)
-    gen = _torch_gen(cfg.seed, _DIT, step)
+    rng = phase_rng(cfg.seed, DIT_PHASE, step)
+    gen = phase_generator(cfg.seed, DIT_PHASE, step)
     idx = rng.integers(len(data["captions"]), size=cfg.batch_size)
     latents, contexts, texts = [], [], []
     ones = torch.ones(mask_channels, *zeros.shape[1:])
@@ -473,7 +350,7 @@ def _batch(data: dict[str, Any], zeros: torch.Tensor, mask_channels: int, params
         target = data["targets"][i].float()
         # text-to-video: an empty (zeros) video, as VACE gets for plain text-to-video
         reactive = data["contexts"][i].float() if bool(data["has_context"][i]) else zeros
-        contexts.append(torch.cat([zeros, reactive, ones]))  # [32 + mask, f, h, w], as the pipeline builds it
+        contexts.append(latent_space.vace_context(zeros, reactive, ones))  # [32 + mask, f, h, w]
         latents.append(target)
         null = rng.random() < cfg.null_text_prob
         texts.append(data["null"] if null else data["embeds"][data["captions"][i]])
@@ -489,45 +366,37 @@ def train_transformer(
     """Phase 3: flow matching of the whole transformer (main and VACE blocks) on the latent set."""
     cfg = params.pretrain
     model = pipe.transformer
-    path, key = work_dir(params) / "transformer.pt", _settings_key(params, "transformer")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    start = _resume(path, key, model, opt, history, log, "pretrain/transformer", cfg.steps)
-    if start >= cfg.steps:
-        return
-    zeros = _zero_context_latent(pipe, params, device)
+    p = params.active
+    # Normalised VAE(zeros), exactly as the pipeline makes the context's inactive half.
+    zeros = latent_space.zeros_latent(pipe.vae, (1, 3, p.frames, p.height, p.width), device)[0].cpu()
     mask_channels = model.config.vace_in_channels - 2 * zeros.shape[0]
-    model.to(device).train()
-    t0, running = time.perf_counter(), []
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, cfg.steps)
+
+    def step_fn(step: int):
         latents, contexts, texts, noise, sigmas = (
             t.to(device) for t in _batch(data, zeros, mask_channels, params, step)
         )
         pred = model(
             hidden_states=add_noise(latents, noise, sigmas),
-            timestep=sigmas * 1000.0,
+            timestep=sigmas * NUM_TRAIN_TIMESTEPS,
             encoder_hidden_states=texts,
             control_hidden_states=contexts,
             return_dict=False,
         )[0]
-        loss = ((pred.float() - flow_target(latents, noise)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running.append(float(loss))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            row = {"phase": "transformer", "step": step + 1, "loss": round(float(np.mean(running)), 5)}
-            running = []
-            history.append(row)
-            rate = (step + 1 - start) / (time.perf_counter() - t0)
-            log(
-                f"pretrain/transformer step {step + 1}/{cfg.steps} loss {row['loss']:.4f} ({rate:.2f} steps/s)"
-            )
-        if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
-            _checkpoint(path, key, step + 1, model, opt, history, "transformer")
-    model.eval()
+        return flow_matching_loss(pred, latents, noise), None
+
+    phase = Phase(
+        name="transformer",
+        module=model,
+        trainable=list(model.parameters()),
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup=cfg.warmup_steps,
+        step_fn=step_fn,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.99),
+        running_mean=True,
+    )
+    run_phase(phase, params, device, log, history)
 
 
 # --- phase 4: the VAE decoder ---------------------------------------------------------------------------------
@@ -537,43 +406,20 @@ def finetune_decoder(pipe: Any, params: Params, device: torch.device, log: Log, 
     """Phase 4: the decoder alone (encoder frozen: the transformer's latent space stays), L1 + MSE on clips."""
     cfg = params.pretrain
     vae = pipe.vae
-    path, key = work_dir(params) / "decoder.pt", _settings_key(params, "decoder")
     frozen = [vae.encoder, vae.quant_conv]
     for module in frozen:
         module.requires_grad_(False)
-    trainable = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.decoder_lr, weight_decay=0.0)
-    start = _resume(path, key, vae, opt, history, log, "pretrain/decoder", cfg.decoder_steps)
-    if start < cfg.decoder_steps:
-        vae.to(device).train()
-        offset = cfg.vae_frame_steps + cfg.vae_clip_steps  # clip batches the VAE phase never drew
-        t0 = time.perf_counter()
-        for step in range(start, cfg.decoder_steps):
-            for group in opt.param_groups:
-                group["lr"] = cfg.decoder_lr * _lr_factor(step, 20, cfg.decoder_steps)
-            x = _vae_batch(params, offset + step).to(device)
-            with torch.no_grad():
-                z = vae.encode(x).latent_dist.mode()
-            y = vae.decode(z).sample
-            loss = (y - x).abs().mean() + ((y - x) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.decoder_steps:
-                row = {
-                    "phase": "decoder",
-                    "step": step + 1,
-                    "loss": round(loss.item(), 5),
-                    "psnr": round(psnr(y, x), 3),
-                }
-                history.append(row)
-                log(
-                    f"pretrain/decoder step {step + 1}/{cfg.decoder_steps} loss {row['loss']:.4f} "
-                    f"PSNR {row['psnr']:.2f} dB ({time.perf_counter() - t0:.0f} s)"
-                )
-            if (step + 1) % 100 == 0 or step + 1 == cfg.decoder_steps:
-                _checkpoint(path, key, step + 1, vae, opt, history, "decoder")
+    offset = cfg.vae_frame_steps + cfg.vae_clip_steps  # clip batches the VAE phase never drew
+    phase = Phase(
+        name="decoder",
+        module=vae,
+        trainable=[p for p in vae.parameters() if p.requires_grad],
+        steps=cfg.decoder_steps,
+        lr=cfg.decoder_lr,
+        warmup=cfg.decoder_warmup_steps,
+        step_fn=_vae_step(vae, params, device, offset, frozen_encoder=True),
+    )
+    run_phase(phase, params, device, log, history)
     for module in frozen:
         module.requires_grad_(True)
     vae.eval()

@@ -58,11 +58,18 @@ from pickstyle.data.stream import MixedStream, collate, meta_of, motion_report
 from pickstyle.data.video import read_video
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
-from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_target, sample_sigmas, shift_sigmas
+from pickstyle.flow_matching import (
+    NUM_TRAIN_TIMESTEPS,
+    add_noise,
+    bell_weights,
+    flow_matching_loss,
+    sample_sigmas,
+)
 from pickstyle.latents import context_constants, decode_latents, encode_clip, null_prompt
 from pickstyle.model.adapters import add_context_style_adapter, save_adapter
 from pickstyle.model.components import ensure_backbone, load_pipeline, resolve_dtype
 from pickstyle.progress import progress
+from pickstyle.schedules import warmup_constant
 from pickstyle.tracking import train_run
 
 #: Summary keys that vary from run to run (timings, the MLflow run id): returned and logged, never written.
@@ -92,46 +99,6 @@ def fixed_noise(
         sigmas.append(sample_sigmas(1, shift, g))
         noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
     return torch.cat(sigmas), torch.stack(noises)
-
-
-def _bell(sigmas: torch.Tensor) -> torch.Tensor:
-    # exp(−2(σ − ½)²) minus its value at the ends (σ = 0 or 1), so the weight falls to 0 there.
-    return torch.exp(-2.0 * (sigmas - 0.5) ** 2) - math.exp(-0.5)
-
-
-def bell_weights(sigmas: torch.Tensor, shift: float, grid: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """Mid-schedule loss weights w(σ) = (exp(−2(σ − ½)²) − exp(−½)) / Z, with mean 1 over the training draws.
-
-    This is the reference's weighting (DiffSynth-Studio ``FlowMatchScheduler`` in training mode, used by the
-    PickStyle code): a Gaussian bump over the timestep ``t = 1000σ`` peaking at t = 500, shifted to be 0 at the
-    ends. ``Z`` is the bump's mean over the ``grid`` shifted noise levels σ_i = shift((i + ½)/grid), so that
-    ``E[w(σ)] = 1`` when σ is drawn as :func:`sample_sigmas` draws it: the weighting changes which timesteps
-    matter, not the loss's overall scale (nor the right learning rate).
-
-    Args:
-        sigmas: Noise levels in [0, 1], any shape.
-        shift: The timestep shift the sigmas were drawn with.
-        grid: Number of points of the normalising grid.
-    """
-    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
-    z = _bell(shift_sigmas(u, shift)).mean().item()
-    return (_bell(sigmas.double()) / z).to(sigmas.dtype)
-
-
-def warmup_constant(step: int, warmup_steps: int) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup_steps`` optimizer steps, then constant 1."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
-def flow_matching_loss(
-    pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Weighted MSE to the flow target, per clip then averaged: mean_b w_b · mean((pred_b − (ε_b − x0_b))²)."""
-    target = flow_target(latents.float(), noise.float())
-    per_clip = ((pred.float() - target) ** 2).flatten(1).mean(dim=1)  # [b]
-    return (weights.float() * per_clip).mean()
 
 
 # --- the model ---------------------------------------------------------------------------------------------------

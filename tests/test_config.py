@@ -127,7 +127,7 @@ def test_one_sampling_schema():
     """The stylize flags, the served model's override columns and evaluate.sample all come from Sample."""
     from pickstyle.cli import build_parser
     from pickstyle.config import GUIDANCE_MODES, SCHEDULERS, Sample
-    from pickstyle.model.pipeline import make_scheduler
+    from pickstyle.model.schedulers import make_scheduler
     from pickstyle.serving import OVERRIDE_COLUMNS
 
     stylize = build_parser()._subparsers._group_actions[0].choices["stylize"]
@@ -138,6 +138,10 @@ def test_one_sampling_schema():
     assert tuple(guidance.choices) == GUIDANCE_MODES
     for name in SCHEDULERS:
         make_scheduler(name, 3.0)
+    # one guider class per mode: the config's modes are exactly the guiders'
+    from pickstyle.model.guiders import GUIDERS
+
+    assert tuple(GUIDERS) == GUIDANCE_MODES
 
     # evaluate.sample holds only what differs from sample; steps/t_guide/c_guide come from the profile
     params = parse_params(

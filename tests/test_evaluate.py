@@ -85,6 +85,18 @@ def test_variant_samples():
     assert ev.variant_sample(s, "cfg").adapter_scale == 0.8
     assert ev.variant_sample(s, "cs_cfg").guidance == "cs_cfg_apg"
     assert ev.variant_sample(s, "cfg_joint").guidance == "cfg_joint"
+    # the conditional prediction alone, with and without the adapter
+    assert (ev.variant_sample(s, "noguide").guidance, ev.variant_sample(s, "noguide").adapter_scale) == (
+        "none",
+        0.8,
+    )
+    assert (
+        ev.variant_sample(s, "base_noguide").guidance,
+        ev.variant_sample(s, "base_noguide").adapter_scale,
+    ) == (
+        "none",
+        0.0,
+    )
     assert ev.variant_sample(s, "reconstruct").adapter_scale == 0.0
     assert ev.variant_sample(Sample(guidance="none"), "cs_cfg").guidance == "cs_cfg"
 
@@ -134,7 +146,9 @@ def test_evaluate_stage_writes_metrics_plots_preview_and_mlflow(
     assert metrics["vae/source_psnr"] > 20 and math.isfinite(metrics["reconstruct/source_psnr"])
     assert "vae/style_psnr" not in metrics  # the backbone checks are scored against the source only
     per_clip = (tmp_path / "eval" / "plots" / "per_clip.csv").read_text().splitlines()
-    assert len(per_clip) == 1 + 9  # header + 1 clip x (source, ground truth, 7 variants)
+    assert len(per_clip) == 1 + 2 + len(
+        params.evaluate.variants
+    )  # header + 1 clip x (source, ground truth, variants)
     curve = (tmp_path / "eval" / "plots" / "warp_error_per_frame.csv").read_text().splitlines()
     assert curve[0].split(",")[0] == "frame" and len(curve) == 1 + 4
     assert (tmp_path / "eval" / "figures" / "metrics.png").stat().st_size > 1000
@@ -162,5 +176,7 @@ def test_evaluate_without_test_clips_is_a_clear_error(tmp_path, monkeypatch):
     from pickstyle.config import parse_params
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Exception, match="testclips"):
+    from pickstyle.data.shards import ShardError
+
+    with pytest.raises(ShardError, match=r"data/testclips: no testclips-\*\.tar shards \(run the stage"):
         ev.evaluate(parse_params({"evaluate": {"variants": ["identity"]}}))

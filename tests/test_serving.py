@@ -82,6 +82,29 @@ def test_pyfunc_takes_and_returns_base64(registered, tmp_path: Path) -> None:
     (tmp_path / "in.mp4").write_bytes(base64.b64decode(_clip_b64()))
     out = model.predict(pd.DataFrame({"video": [str(tmp_path / "in.mp4")], "prompt": ["anime style. noise"]}))
     assert out[0].endswith("in.pickstyle.mp4") and Path(out[0]).is_file()
+    shutil.rmtree(Path(out[0]).parent)  # the server's output folder (a path for the client to fetch)
+
+
+def test_served_model_equals_the_cli_for_the_same_seed(registered, tmp_path: Path, monkeypatch) -> None:
+    """The registered model through MLflow and `pickstyle stylize --model` give the same frames."""
+    import mlflow
+    import pandas as pd
+
+    from pickstyle.cli import main
+    from pickstyle.data.video import read_video
+
+    monkeypatch.chdir(registered["root"])  # its mlflow.db; no params.yaml there: the code defaults, as registered
+    src = tmp_path / "in.mp4"
+    src.write_bytes(base64.b64decode(_clip_b64(9)))
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    row = {"video": str(src), "prompt": "anime style. noise", "output": str(tmp_path / "served.mp4"), "seed": 3}
+    model.predict(pd.DataFrame([row]))
+    argv = ["stylize", str(src), "-o", str(tmp_path / "cli.mp4"), "--prompt", "anime style. noise"]
+    assert main([*argv, "--model", f"models:/{MODEL}@champion", "--seed", "3", "--steps", "2"]) == 0
+    served, _ = read_video((tmp_path / "served.mp4").read_bytes())
+    cli, _ = read_video((tmp_path / "cli.mp4").read_bytes())
+    assert served.shape == cli.shape == (9, 64, 96, 3)
+    np.testing.assert_array_equal(served, cli)
 
 
 @pytest.mark.parametrize(

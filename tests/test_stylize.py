@@ -11,7 +11,7 @@ import pytest
 
 from pickstyle.cli import main
 from pickstyle.data.video import read_video, write_video
-from pickstyle.model.pipeline import plan_windows
+from pickstyle.model.windows import plan_windows
 from pickstyle.stylize import resample_frames
 
 WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -26,6 +25,7 @@ from pickstyle.data import stream
 from pickstyle.data.shards import list_shards, write_shards
 from pickstyle.latents import save_constants, to_sample
 from pickstyle.model.components import tiny_latent_geometry
+from tests.procs import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Latent geometry of the tiny profile (9 frames at 64x96) and its context channels; text 32 tokens x 32.
@@ -87,7 +87,7 @@ def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0,
         sample, constants = to_sample(f"{kind}_{i:04d}", tensors, {"caption": caption, "kind": kind}, L)
         samples.append(sample)
     shutil.rmtree(data / "latents", ignore_errors=True)
-    save_constants(data / "latents", constants)
+    save_constants(data / "latents", {**constants, "null_prompt": torch.randn(L, D, generator=g)})
     return write_shards(samples, data / "latents", "latents", shard_size=shard_size)
 
 
@@ -203,7 +203,20 @@ def test_only_lora_params_require_grad(workdir):
     assert pipe is None
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and ".vace_blocks." in f".{n}" for n in trainable)
-    assert all(".attn1.to_" in n for n in trainable)
+    # the tiny profile's targets: every linear of the VACE blocks
+    kinds = {n.split(".lora_")[0].split(".", 2)[2] for n in trainable}
+    assert kinds == {
+        *(f"attn{a}.to_{p}" for a in (1, 2) for p in ("q", "k", "v", "out.0")),
+        "ffn.net.0.proj",
+        "ffn.net.2",
+        "proj_out",
+    }
+    # the paper's (the real profiles'): the VACE blocks' self-attention q/k/v only
+    paper, _ = tr._build_model(
+        _params(root, models, lora_targets=r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"), "cpu", "cached"
+    )
+    paper_trainable = {n for n, p in paper.named_parameters() if p.requires_grad}
+    assert paper_trainable and all(".vace_blocks." in f".{n}" and ".attn1.to_" in n for n in paper_trainable)
     assert {p.dtype for n, p in transformer.named_parameters() if n in trainable} == {torch.float32}
     # One training step: gradients reach the adapter and nothing else.
     x = torch.randn(1, 16, F, H, W)
@@ -219,6 +232,34 @@ def test_only_lora_params_require_grad(workdir):
     with_grad = {n for n, p in transformer.named_parameters() if p.grad is not None}
     assert with_grad == trainable
     assert any(p.grad.abs().sum() > 0 for n, p in transformer.named_parameters() if n in trainable)
+
+
+def test_caption_dropout_swaps_in_the_null_text(workdir):
+    """With train.caption_dropout = 1 every caption is the null text: the prompt no longer matters."""
+    root, models = workdir
+    transformer, _ = tr._build_model(_params(root, models), "cpu", "cached")
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "latents": torch.randn(1, 16, F, H, W, generator=g),
+        "context": torch.randn(1, C, F, H, W, generator=g),
+        "prompt_embeds": torch.randn(1, L, D, generator=g),
+    }
+    null = torch.randn(L, D, generator=g)
+    scale = torch.ones(len(transformer.config.vace_layers))
+
+    def loss(dropout: float, prompts: torch.Tensor) -> float:
+        params = _params(root, models, caption_dropout=dropout)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            out = tr._micro_step(
+                transformer, {**batch, "prompt_embeds": prompts}, params, scale, gen, torch.device("cpu"),
+                torch.float32, False, null,
+            )  # fmt: skip
+        return float(out)
+
+    dropped = loss(1.0, batch["prompt_embeds"])
+    assert dropped == loss(1.0, null[None]) == loss(0.0, null[None])
+    assert dropped != loss(0.0, batch["prompt_embeds"])
 
 
 def test_resume_is_bit_identical(workdir, tmp_path: Path):
@@ -368,6 +409,7 @@ def test_overfit_a_handful_of_clips(tmp_path: Path, tiny_backbone: Path):
         lora_rank=32,
         lora_alpha=32.0,
         fixed_noise=True,
+        caption_dropout=0.0,  # every step the same (clip, noise, timestep, caption)
     )
     with _threads(1):
         pipe = load_pipeline(ensure_backbone(params))
@@ -466,7 +508,7 @@ def test_two_processes_gloo_end_with_identical_adapters(workdir):
         str(root),
         str(models),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_group(cmd, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "WORLD 2" in proc.stdout
     w0 = load_file(root / "lora-rank0.safetensors")

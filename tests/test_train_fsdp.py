@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 from pickstyle import checkpoints as ckpt
 from pickstyle import train as tr
+from tests.procs import run_group
 from tests.test_train import _random_latents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,9 +94,7 @@ def _launch(root: Path, models: Path, steps: int, dtype: str, fsdp: bool) -> str
     else:
         launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
         launcher += ["--master_port", _port()]
-    proc = subprocess.run(
-        [sys.executable, "-m", *launcher, *script], env=env, capture_output=True, text=True, timeout=240
-    )
+    proc = run_group([sys.executable, "-m", *launcher, *script], timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -34,123 +34,18 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
     WanVACEPipeline,
 )
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from pickstyle.config import GUIDANCE_MODES, SCHEDULERS, WAN_NEGATIVE_PROMPT
+from pickstyle.config import GUIDANCE_MODES, WAN_NEGATIVE_PROMPT
+from pickstyle.model import latent_space
 from pickstyle.model.cache import StepCache, step_cache
 from pickstyle.model.components import prompt_length
-from pickstyle.model.guidance import MomentumBuffer, cfg, cs_cfg, cs_cfg_apg, permute_context
-
-# Which predictions each mode needs, in batch order: "c" = (text, C), "t" = (∅, C), "0" = (∅, π(C)).
-_BRANCHES = {
-    "none": ("c",),
-    "cfg": ("c", "t"),
-    "cfg_joint": ("c", "0"),
-    "cs_cfg": ("c", "t", "0"),
-    "cs_cfg_apg": ("c", "t", "0"),
-}
-
-
-# The predictions computed on the steps between full guidance steps (``guidance_every`` > 1); the others are
-# rebuilt from the offsets of the last full step.
-_REUSED_BRANCHES = {
-    "all": {mode: ("c",) for mode in _BRANCHES},
-    "context": {mode: ("c", "t") if "t" in b else ("c",) for mode, b in _BRANCHES.items()},
-}
-
-
-def reuse_guidance(
-    eps: dict[str, torch.Tensor], branches: tuple[str, ...], offsets: dict[str, torch.Tensor], full: bool
-) -> dict[str, torch.Tensor]:
-    """Guidance-direction reuse (FasterCache, https://arxiv.org/abs/2410.19355, §CFG-Cache style).
-
-    The guidance directions (ε_c − ε_t, ε_t − ε_0) change slowly from step to step while ε_c itself follows
-    the latents. On a full step every prediction in ``branches`` was computed and the offsets ε_c − ε_b are
-    stored; on the steps in between only some were, and each missing one is rebuilt as
-    ε_b = ε_ref − (ε_ref − ε_b)_stored, with ε_ref = ε_t for ε_0 when ε_t was computed (only the context
-    direction reused), else ε_c. For ``cs_cfg`` with all directions reused this is
-    ε̂ = ε_c + (t_g − 1)·(ε_c − ε_t)_stored + c_g·(ε_t − ε_0)_stored: one forward instead of three.
-    """
-    if full:
-        offsets.clear()
-        for b in branches[1:]:
-            offsets[b] = eps["c"] - eps[b]
-        return eps
-    eps = dict(eps)
-    for b in branches[1:]:
-        if b in eps:
-            continue
-        if b == "0" and "t" in eps:
-            eps[b] = eps["t"] - (offsets["0"] - offsets["t"])  # (ε_t − ε_0)_stored = off_0 − off_t
-        else:
-            eps[b] = eps["c"] - offsets[b]
-    return eps
-
-
-def make_scheduler(name: str, shift: float, base_config: Any = None):
-    """A flow-matching scheduler for sampling.
-
-    Args:
-        name: ``unipc`` (Wan's default), ``dpmpp`` (DPM-Solver++ 2M on flow sigmas, the paper's sampler) or
-            ``euler`` (first-order flow-matching Euler).
-        shift: sampling shift of the sigma schedule, σ' = sσ / (1 + (s−1)σ) (paper: 16).
-        base_config: the backbone's scheduler config; only ``num_train_timesteps`` is taken from it.
-    """
-    num_train_timesteps = int((base_config or {}).get("num_train_timesteps", 1000))
-    if name == "unipc":
-        return UniPCMultistepScheduler(
-            num_train_timesteps=num_train_timesteps,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=shift,
-        )
-    if name == "dpmpp":
-        return DPMSolverMultistepScheduler(
-            num_train_timesteps=num_train_timesteps,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=shift,
-        )
-    if name == "euler":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-    raise ValueError(f"unknown scheduler {name!r}: expected one of {SCHEDULERS}")
-
-
-def plan_windows(total: int, length: int, overlap: int) -> list[tuple[int, int]]:
-    """``[start, end)`` of the windows covering ``total`` frames with ``length``-frame windows.
-
-    Consecutive windows share at least ``overlap`` frames (clamped to ``length - 1``); starts are spread
-    evenly so the first window starts at 0 and the last ends at ``total``.
-    """
-    if total <= length:
-        return [(0, total)]
-    overlap = min(max(overlap, 0), length - 1)
-    count = max(2, math.ceil((total - overlap) / (length - overlap)))
-    starts = np.round(np.linspace(0, total - length, count)).astype(int)
-    return [(int(s), int(s) + length) for s in starts]
-
-
-def window_weights(length: int) -> torch.Tensor:
-    """Tent weights ``min(p + 1, L - p)`` of a window's frames: overlaps fade linearly from one window to the next."""
-    p = torch.arange(length)
-    return torch.minimum(p + 1, length - p).float()
-
-
-def _scheduler_name(scheduler: Any) -> str:
-    if isinstance(scheduler, UniPCMultistepScheduler):
-        return "unipc"
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        return "dpmpp"
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return "euler"
-    raise ValueError(f"cannot change the shift of a {type(scheduler).__name__}: pass scheduler= too")
+from pickstyle.model.guidance import permute_context
+from pickstyle.model.guiders import make_guider
+from pickstyle.model.schedulers import make_scheduler, scheduler_name
+from pickstyle.model.windows import plan_windows, window_weights
 
 
 def _as_pil_list(video: Any) -> list[PIL.Image.Image]:
@@ -251,6 +146,16 @@ class PickStylePipeline(WanVACEPipeline):
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}: expected one of {GUIDANCE_MODES}")
+        # one guider per video window (below); this one checks the settings before any work is done
+        guider = make_guider(
+            guidance,
+            t_guide=t_guide,
+            c_guide=c_guide,
+            every=guidance_every,
+            reuse=guidance_reuse,
+            apg_momentum=apg_momentum,
+            apg_norm_threshold=apg_norm_threshold,
+        )
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError("one prompt (a str) per call")
         video = _as_pil_list(video)
@@ -270,14 +175,9 @@ class PickStylePipeline(WanVACEPipeline):
             raise ValueError(
                 f"need window_frames >= 1 and window_overlap >= 0, got {window_frames}, {window_overlap}"
             )
-        if guidance_every < 1 or guidance_reuse not in _REUSED_BRANCHES:
-            raise ValueError(
-                f"need guidance_every >= 1 and guidance_reuse in {tuple(_REUSED_BRANCHES)}, got "
-                f"{guidance_every}, {guidance_reuse!r}"
-            )
         if not 0 <= skip < num_inference_steps:
             raise ValueError(f"skip must be in [0, {num_inference_steps}), got {skip}")
-        branches = _BRANCHES[guidance]
+        branches = guider.branches
         if negative_prompt is None and negative_prompt_embeds is None:
             negative_prompt = WAN_NEGATIVE_PROMPT
         self.check_inputs(
@@ -320,7 +220,7 @@ class PickStylePipeline(WanVACEPipeline):
         if scheduler is None and shift is None:
             sched = self.scheduler
         else:
-            name = scheduler or _scheduler_name(self.scheduler)
+            name = scheduler or scheduler_name(self.scheduler)
             if shift is None:
                 shift = self.scheduler.config.get("flow_shift", self.scheduler.config.get("shift", 1.0))
             sched = make_scheduler(name, shift, self.scheduler.config)
@@ -336,9 +236,10 @@ class PickStylePipeline(WanVACEPipeline):
         )
         video_latents = self.prepare_video_latents(video_t, mask, reference_images, generator, device)
         mask = self.prepare_masks(mask, reference_images, generator)
-        context = torch.cat([video_latents, mask], dim=1).to(transformer_dtype)
         z_dim = self.vae.config.z_dim
-        source_latents = video_latents[:, z_dim : 2 * z_dim].float()  # normalised VAE(video)
+        inactive, reactive = video_latents[:, :z_dim], video_latents[:, z_dim : 2 * z_dim]
+        context = latent_space.vace_context(inactive, reactive, mask).to(transformer_dtype)
+        source_latents = reactive.float()  # normalised VAE(video)
 
         # 4. Initial latents: pure noise, or (skip = k) the source latent noised to sigma_k.
         latents = self.prepare_latents(
@@ -368,11 +269,8 @@ class PickStylePipeline(WanVACEPipeline):
             windows = plan_windows(
                 num_latent_frames, (window_frames - 1) // t_scale + 1, math.ceil(window_overlap / t_scale)
             )
-        # APG momentum is per window: each window's guidance directions have their own history.
-        buffers = [(MomentumBuffer(apg_momentum), MomentumBuffer(apg_momentum)) for _ in windows]
-
-        # Guidance reuse: the offsets ε_c − ε_b of the last full step, per window (``guidance_every``).
-        offsets: list[dict[str, torch.Tensor]] = [{} for _ in windows]
+        # Each window has its own guider: its APG momentum and reused guidance directions are the window's.
+        guiders = [guider.fresh() for _ in windows]
 
         def guided(
             x: torch.Tensor,
@@ -383,8 +281,7 @@ class PickStylePipeline(WanVACEPipeline):
             cache: StepCache | None,
         ) -> torch.Tensor:
             """The guided noise prediction of one window at step ``t`` (``[1, 16, f, h, w]``, float32)."""
-            full = step % guidance_every == 0
-            computed = branches if full else _REUSED_BRANCHES[guidance_reuse][guidance]
+            computed = guiders[window].computed(step)
             # A fresh null context every step, drawn from the pipeline's generator (reproducible).
             contexts = {"c": ctx, "t": ctx}
             if "0" in computed:
@@ -402,27 +299,7 @@ class PickStylePipeline(WanVACEPipeline):
                 # the step cache keeps one state per window (its residuals are the window's)
                 suffix="" if len(windows) == 1 else f"@{window}",
             )
-            if guidance_every > 1:
-                eps = reuse_guidance(eps, branches, offsets[window], full)
-            if guidance == "none":
-                return eps["c"]
-            if guidance == "cfg":
-                return cfg(eps["c"], eps["t"], t_guide)
-            if guidance == "cfg_joint":
-                return cfg(eps["c"], eps["0"], t_guide)
-            if guidance == "cs_cfg":
-                return cs_cfg(eps["c"], eps["t"], eps["0"], t_guide, c_guide)
-            text_buffer, context_buffer = buffers[window]
-            return cs_cfg_apg(
-                eps["c"],
-                eps["t"],
-                eps["0"],
-                t_guide,
-                c_guide,
-                text_buffer,
-                context_buffer,
-                apg_norm_threshold,
-            )
+            return guiders[window].guide(eps, step)
 
         # 6. Denoising loop.
         self._num_timesteps = len(timesteps)
@@ -457,13 +334,7 @@ class PickStylePipeline(WanVACEPipeline):
         if output_type == "latent":
             out = latents
         else:
-            vae_dtype = self.vae.dtype
-            z = latents.to(vae_dtype)
-            mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
-            inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
-                z.device, z.dtype
-            )
-            z = z / inv_std + mean
+            z = latent_space.denormalise(self.vae, latents)
             out = self.vae.decode(z, return_dict=False)[0]
             out = self.video_processor.postprocess_video(out, output_type=output_type)
         self.maybe_free_model_hooks()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.procs import group, kill_group
 from tests.test_train import _params, _random_latents, _threads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,17 +39,12 @@ stages:
 """
 
 
-def _dvc(cwd: Path, env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
+def _dvc(cwd: Path, env: dict[str, str], *args: str):
+    """``dvc *args`` in its own process group (kill -9 of the whole group: dvc and the training process), killed
+    when the ``with`` block ends, whatever happens in it."""
     dvc = Path(sys.executable).with_name("dvc")
-    return subprocess.Popen(
-        [str(dvc), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # kill -9 of the whole group: dvc and the training process
-        **kw,
+    return group(
+        [str(dvc), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -97,18 +92,17 @@ def test_kill_9_then_dvc_repro_resumes_bit_identical(tiny_backbone: Path, tmp_pa
     )
 
     ckpts = proj / "models" / ".checkpoints" / "adapter"
-    run = _dvc(proj, env, "repro")
-    deadline = time.time() + 300
-    while not (ckpts / "step-8").is_dir():  # killed mid-run, after at least two checkpoints
-        assert run.poll() is None, run.communicate()[0][-3000:]
-        assert time.time() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    with _dvc(proj, env, "repro") as run:
+        deadline = time.time() + 300
+        while not (ckpts / "step-8").is_dir():  # killed mid-run, after at least two checkpoints
+            assert run.poll() is None, run.communicate()[0][-3000:]
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        kill_group(run)
     assert not (proj / "models" / "adapter" / "train_summary.json").exists()
 
-    again = _dvc(proj, env, "repro")
-    log = again.communicate(timeout=600)[0]
+    with _dvc(proj, env, "repro") as again:
+        log = again.communicate(timeout=600)[0]
     assert again.returncode == 0, log[-3000:]
     assert "resuming from" in log, log[-3000:]
     got = load_file(proj / "models" / "adapter" / "pytorch_lora_weights.safetensors")

@@ -9,7 +9,8 @@ import torch
 
 from pickstyle.config import WAN_NEGATIVE_PROMPT
 from pickstyle.model.components import load_pipeline
-from pickstyle.model.pipeline import PickStylePipeline, make_scheduler
+from pickstyle.model.pipeline import PickStylePipeline
+from pickstyle.model.schedulers import make_scheduler
 
 FRAMES, HEIGHT, WIDTH, STEPS = 5, 32, 48, 2
 PROMPT = "anime style. a wolf in the snow"
@@ -170,19 +171,39 @@ def test_rejects_wrong_size_and_skip(pipe, video):
 # The single-window output recorded before long videos were joined in latent space (cs_cfg, 2 steps, seed 0):
 # sha256 prefix on this machine's torch build, and summary values that survive other CPUs' float ordering.
 _RECORDED = {"sha256": "02de0f8e1119fc6f", "mean": 0.04316152259707451, "abs_mean": 3.1990156173706055}
+#: Where the bits were recorded: torch build and CPU model (``/proc/cpuinfo``).
+_RECORDING_BUILD = ("2.13.0+cpu", "Intel(R) Xeon(R) Processor")
+
+
+def _build() -> tuple[str, str]:
+    try:
+        cpu = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":", 1)[1]
+    except (OSError, StopIteration):
+        cpu = "?"
+    return torch.__version__, cpu.strip()
 
 
 def test_single_window_is_unchanged(pipe, video):
-    import hashlib
-
+    """Machine-independent: the recorded summary values, and a window as long as the clip (or longer) is the same
+    single-window run bit for bit (both computed here)."""
     plain = run(pipe, video, guidance="cs_cfg")
     assert plain.mean() == pytest.approx(_RECORDED["mean"], abs=1e-4)
     assert np.abs(plain).mean() == pytest.approx(_RECORDED["abs_mean"], abs=1e-4)
-    if hashlib.sha256(plain.tobytes()).hexdigest()[:16] != _RECORDED["sha256"]:
-        pytest.xfail("bit pattern differs on this CPU/torch build (the summary values above matched)")
-    # a window as long as the clip, or longer, is the same single-window run bit for bit
     for window_frames in (5, 9):
         np.testing.assert_array_equal(run(pipe, video, guidance="cs_cfg", window_frames=window_frames), plain)
+
+
+def test_single_window_bits_on_the_recording_build(pipe, video):
+    """The exact bits recorded on the development machine's torch build (other CPUs order floats differently:
+    there the test above is the check, and this one is skipped)."""
+    import hashlib
+
+    if _build() != _RECORDING_BUILD:
+        pytest.skip(
+            f"recorded on {_RECORDING_BUILD}, this is {_build()}: the summary values are checked above"
+        )
+    digest = hashlib.sha256(run(pipe, video, guidance="cs_cfg").tobytes()).hexdigest()[:16]
+    assert digest == _RECORDED["sha256"]
 
 
 def test_long_clip_is_one_latent_in_windows(pipe):
@@ -240,7 +261,7 @@ def test_guidance_reuse_computes_the_extra_predictions_every_k_steps(pipe, video
 
 def test_reuse_guidance_keeps_the_directions():
     from pickstyle.model.guidance import cs_cfg
-    from pickstyle.model.pipeline import reuse_guidance
+    from pickstyle.model.guiders import reuse_guidance
 
     g = torch.Generator().manual_seed(0)
     eps = {b: torch.randn(1, 2, 3, generator=g) for b in ("c", "t", "0")}
@@ -256,7 +277,7 @@ def test_reuse_guidance_keeps_the_directions():
 
 
 def test_plan_windows_and_weights():
-    from pickstyle.model.pipeline import plan_windows, window_weights
+    from pickstyle.model.windows import plan_windows, window_weights
 
     assert plan_windows(17, 9, 4) == [(0, 9), (4, 13), (8, 17)]
     assert plan_windows(21, 21, 4) == [(0, 21)]
