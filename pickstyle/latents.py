@@ -92,8 +92,6 @@ def encode_clip(
     height: int | None = None,
     width: int | None = None,
     device: str | torch.device | None = None,
-    *,
-    params: Params | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode one (source, style, caption) clip exactly as the sampling pipeline would.
 
@@ -106,14 +104,12 @@ def encode_clip(
         height: Expected frame height (default: the frames'); must equal it.
         width: Expected frame width (default: the frames').
         device: Where to encode (default: the pipeline's execution device).
-        params: Unused; accepted so the training loop can pass its params (geometry comes from the frames).
 
     Returns:
         ``target`` [16, f, h, w] fp32, ``context`` [96, f, h, w] and ``prompt_embeds`` [L, D] in the
         transformer's dtype, ``source`` [16, f, h, w] fp32; all on ``device``.
     """
 
-    del params
     src_frames, style_frames = np.asarray(src_frames), np.asarray(style_frames)
     height = int(src_frames.shape[1]) if height is None else height
     width = int(src_frames.shape[2]) if width is None else width

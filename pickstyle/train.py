@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import hashlib
 import math
 import os
 import random
@@ -38,9 +37,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from accelerate import Accelerator, init_empty_weights
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from diffusers import WanVACETransformer3DModel
 
 from pickstyle.checkpoints import (
     checkpoint_dir,
@@ -66,8 +64,9 @@ from pickstyle.flow_matching import (
     sample_sigmas,
 )
 from pickstyle.latents import context_constants, decode_latents, encode_clip, null_prompt
-from pickstyle.model.adapters import add_context_style_adapter, save_adapter
-from pickstyle.model.components import ensure_backbone, load_pipeline, resolve_dtype
+from pickstyle.model.adapters import save_adapter
+from pickstyle.model.components import ensure_backbone, resolve_dtype
+from pickstyle.model.trainable import build_trainable, lora_config, parameter_or_buffer
 from pickstyle.progress import progress
 from pickstyle.schedules import warmup_constant
 from pickstyle.tracking import train_run
@@ -83,116 +82,19 @@ class TrainingError(PickstyleError):
 # --- the maths: small pure functions -----------------------------------------------------------------------------
 
 
-def fixed_noise(
-    keys: list[str], shape: tuple[int, ...], shift: float, seed: int
+def draw_noise(
+    keys: list[str], shape: tuple[int, ...], shift: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """σ and ε drawn once per clip key (the same at every visit): the "overfit one batch" sanity check.
-
-    With the noise and timestep fixed, a handful of clips is a finite set of (input, target) pairs that the
-    adapter can memorise, so the loss must fall; with fresh noise its floor is the irreducible noise term.
-    """
-    sigmas, noises = [], []
-    for key in keys:
-        g = torch.Generator().manual_seed(
-            int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8])
-        )
-        sigmas.append(sample_sigmas(1, shift, g))
-        noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
-    return torch.cat(sigmas), torch.stack(noises)
+    """σ (shifted uniform, :func:`~pickstyle.flow_matching.sample_sigmas`) and ε ~ N(0, I) for a batch of
+    ``shape`` ``[b, 16, f, h, w]``, from the run's generator (restored on resume, so a resumed run is exact).
+    ``keys`` name the batch's clips; the tests replace this function to fix the noise per clip."""
+    del keys
+    sigmas = sample_sigmas(shape[0], shift, generator)  # [b]
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return sigmas, noise
 
 
-# --- the model ---------------------------------------------------------------------------------------------------
-
-
-def _lora_config(params: Params) -> dict[str, Any]:
-    t = params.train
-    return {
-        "rank": params.lora_rank,
-        "alpha": params.lora_alpha,
-        "dropout": t.lora_dropout,
-        "init": t.lora_init,
-        "targets": t.lora_targets,
-    }
-
-
-def _empty_transformer(path: Path, dtype: torch.dtype):
-    """The backbone transformer's structure with its parameters on the meta device: no weight is read.
-
-    Dtypes as ``from_pretrained(dtype=...)`` gives them (its ``_keep_in_fp32_modules`` stay fp32); buffers (the
-    RoPE tables, not in the checkpoint) are real. For FSDP's RAM-efficient loading, where the main process's weights
-    are broadcast into every rank's shards.
-    """
-
-    with init_empty_weights():  # parameters on meta, buffers real
-        transformer = WanVACETransformer3DModel.from_config(
-            WanVACETransformer3DModel.load_config(path / "transformer")
-        )
-    keep_fp32 = transformer._keep_in_fp32_modules or []
-    for name, param in transformer.named_parameters():
-        if not any(m in name.split(".") for m in keep_fp32):
-            param.data = param.data.to(dtype)
-    return transformer
-
-
-def _parameter_or_buffer(module: torch.nn.Module, name: str) -> torch.Tensor:
-    try:
-        return module.get_parameter(name)
-    except AttributeError:
-        return module.get_buffer(name)
-
-
-def _build_model(params: Params, device: str, mode: str, empty: bool = False):
-    """The frozen backbone transformer with the context-style LoRA added; plus the pipeline for on-the-fly mode.
-
-    Args:
-        params: The pipeline params.
-        device: Where the model goes.
-        mode: ``cached`` (the transformer alone: neither VAE nor text encoder is loaded) or ``on_the_fly``.
-        empty: Cached mode: build the transformer on the meta device without reading its weights (FSDP with
-            ``fsdp_cpu_ram_efficient_loading`` on every process but the main one, which broadcasts them).
-
-    Returns:
-        ``(transformer, pipe_or_None)``. Base weights in the profile's dtype (bf16 on CUDA), LoRA params fp32.
-    """
-
-    path = ensure_backbone(params)
-    dtype = resolve_dtype(params.model.dtype, device)
-    pipe = None
-    if mode == "on_the_fly":
-        pipe = load_pipeline(path, device=device, dtype=dtype)
-        transformer = pipe.transformer
-        for module in (pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-    elif empty:
-        transformer = _empty_transformer(path, dtype)
-    else:
-        # Cached latents need only the transformer: the text encoder (UMT5-XXL, 11 GB) stays on disk.
-        transformer = WanVACETransformer3DModel.from_pretrained(path / "transformer", dtype=dtype).to(device)
-    transformer.requires_grad_(False)
-    cfg = _lora_config(params)
-    # The LoRA init draws from torch's global RNG: seed it so every process starts from the same adapter.
-    # Only the CPU generator: torch.manual_seed would also reseed (and, with devices=[], not restore) every CUDA
-    # generator, overwriting the per-rank seeds; peft creates and initialises LoRA weights on the CPU.
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(params.seed)
-        add_context_style_adapter(
-            transformer,
-            cfg["rank"],
-            cfg["alpha"],
-            dropout=cfg["dropout"],
-            init=cfg["init"],
-            targets=cfg["targets"],
-        )
-    # add_context_style_adapter froze everything but the LoRA matrices and made those fp32 (master weights
-    # even when the base is bf16; autocast computes in bf16). Check it, as the tests do.
-    wrong = [n for n, p in transformer.named_parameters() if p.requires_grad != (".lora_" in n)]
-    wrong += [n for n, p in transformer.named_parameters() if p.requires_grad and p.dtype != torch.float32]
-    if wrong:
-        raise TrainingError(f"unexpected trainable/frozen parameters after adding the adapter: {wrong[:5]}")
-    if params.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    return transformer, pipe
+# --- the data of one step ------------------------------------------------------------------------------------
 
 
 def _decode_cached(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -207,7 +109,7 @@ def _encode_on_the_fly(pipe, raw: dict[str, Any], params: Params) -> dict[str, t
     src, _ = read_video(raw["src.mp4"])
     style, _ = read_video(raw["style.mp4"])
     with torch.no_grad():
-        enc = encode_clip(pipe, src, style, meta["caption"], params=params)
+        enc = encode_clip(pipe, src, style, meta["caption"])
     return {k: v.detach().to("cpu", torch.float32) for k, v in enc.items() if torch.is_tensor(v)}
 
 
@@ -359,7 +261,7 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
     if main:
         (out / "train_summary.json").unlink(missing_ok=True)  # present = the adapter in ``out`` is complete
         ensure_backbone(params)
-    lora_cfg = _lora_config(params)
+    lora_cfg = lora_config(params)
     key = run_key(params, shards, lora_cfg, world)
     ckpt, why = (None, "fresh start requested") if fresh else find_resumable(ckpt_root, key, t.steps)
     if main:
@@ -381,11 +283,11 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         raise TrainingError("FSDP training needs fsdp_version: 2 (configs/accelerate/fsdp-14b.yaml)")
     ram_efficient = fsdp and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
     empty = ram_efficient and t.mode == "cached" and not main
-    transformer, pipe = _build_model(params, str(device), t.mode, empty=empty)
+    transformer, pipe = build_trainable(params, str(device), t.mode, empty=empty)
     if ram_efficient:
         # accelerate's broadcast (fsdp2_load_full_state_dict) looks tensors up with transformers'
-        # ``get_parameter_or_buffer``, which diffusers models lack.
-        transformer.get_parameter_or_buffer = functools.partial(_parameter_or_buffer, transformer)
+        # ``getparameter_or_buffer``, which diffusers models lack.
+        transformer.getparameter_or_buffer = functools.partial(parameter_or_buffer, transformer)
     state = load_lora(ckpt, transformer, lora=lora_cfg, world_size=world, empty=empty) if ckpt else {}
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in trainable)
@@ -577,11 +479,7 @@ def _micro_step(
         drop = torch.rand(prompt_embeds.shape[0], generator=generator) < t.caption_dropout
         null = null_prompt.to(device, torch.float32)[None].expand_as(prompt_embeds)
         prompt_embeds = torch.where(drop.to(device)[:, None, None], null, prompt_embeds)
-    if t.fixed_noise:
-        sigmas, noise = fixed_noise(batch["keys"], latents.shape[1:], t.shift, params.seed)
-    else:
-        sigmas = sample_sigmas(latents.shape[0], t.shift, generator)  # [b]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    sigmas, noise = draw_noise(batch["keys"], tuple(latents.shape), t.shift, generator)
     noise = noise.to(device)
     weights = bell_weights(sigmas, t.shift) if t.weighting == "bell" else torch.ones_like(sigmas)
     sigmas, weights = sigmas.to(device), weights.to(device)

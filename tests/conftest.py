@@ -3,11 +3,15 @@ test session into a temporary ``models`` folder."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from pickstyle.flow_matching import sample_sigmas
 
 # Nothing may be fetched from a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,3 +120,31 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=fast).save_pretrained(out)
     return out
+
+
+def fixed_noise(
+    keys: list[str], shape: tuple[int, ...], shift: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ and ε drawn once per clip key (the same at every visit): the "overfit one batch" sanity check.
+
+    With the noise and timestep fixed, a handful of clips is a finite set of (input, target) pairs that the
+    adapter can memorise, so the loss must fall; with fresh noise its floor is the irreducible noise term.
+    """
+    sigmas, noises = [], []
+    for key in keys:
+        g = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8])
+        )
+        sigmas.append(sample_sigmas(1, shift, g))
+        noises.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+    return torch.cat(sigmas), torch.stack(noises)
+
+
+@pytest.fixture
+def noise_per_clip(monkeypatch):
+    """Training draws each clip's noise and timestep from its key (:func:`fixed_noise`), not the run's stream."""
+    from pickstyle import train as tr
+
+    monkeypatch.setattr(
+        tr, "draw_noise", lambda keys, shape, shift, generator: fixed_noise(keys, shape[1:], shift)
+    )

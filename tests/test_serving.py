@@ -93,11 +93,18 @@ def test_served_model_equals_the_cli_for_the_same_seed(registered, tmp_path: Pat
     from pickstyle.cli import main
     from pickstyle.data.video import read_video
 
-    monkeypatch.chdir(registered["root"])  # its mlflow.db; no params.yaml there: the code defaults, as registered
+    monkeypatch.chdir(
+        registered["root"]
+    )  # its mlflow.db; no params.yaml there: the code defaults, as registered
     src = tmp_path / "in.mp4"
     src.write_bytes(base64.b64decode(_clip_b64(9)))
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    row = {"video": str(src), "prompt": "anime style. noise", "output": str(tmp_path / "served.mp4"), "seed": 3}
+    row = {
+        "video": str(src),
+        "prompt": "anime style. noise",
+        "output": str(tmp_path / "served.mp4"),
+        "seed": 3,
+    }
     model.predict(pd.DataFrame([row]))
     argv = ["stylize", str(src), "-o", str(tmp_path / "cli.mp4"), "--prompt", "anime style. noise"]
     assert main([*argv, "--model", f"models:/{MODEL}@champion", "--seed", "3", "--steps", "2"]) == 0

@@ -25,6 +25,8 @@ from pickstyle.data import stream
 from pickstyle.data.shards import list_shards, write_shards
 from pickstyle.latents import save_constants, to_sample
 from pickstyle.model.components import tiny_latent_geometry
+from pickstyle.model.trainable import build_trainable
+from tests.conftest import fixed_noise
 from tests.procs import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,10 +138,10 @@ def test_warmup_then_constant():
 
 
 def test_fixed_noise_depends_only_on_key():
-    s1, n1 = tr.fixed_noise(["a", "b"], (16, 2, 2, 2), 5.0, seed=0)
-    s2, n2 = tr.fixed_noise(["b", "a"], (16, 2, 2, 2), 5.0, seed=0)
+    s1, n1 = fixed_noise(["a", "b"], (16, 2, 2, 2), 5.0, seed=0)
+    s2, n2 = fixed_noise(["b", "a"], (16, 2, 2, 2), 5.0, seed=0)
     assert torch.equal(s1, s2.flip(0)) and torch.equal(n1, n2.flip(0))
-    assert not torch.equal(tr.fixed_noise(["a"], (16, 2, 2, 2), 5.0, seed=1)[1][0], n1[0])
+    assert not torch.equal(fixed_noise(["a"], (16, 2, 2, 2), 5.0, seed=1)[1][0], n1[0])
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def test_mixed_stream_recon_ratio(tmp_path: Path):
 def test_only_lora_params_require_grad(workdir):
     root, models = workdir
     params = _params(root, models)
-    transformer, pipe = tr._build_model(params, "cpu", "cached")
+    transformer, pipe = build_trainable(params, "cpu", "cached")
     assert pipe is None
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and ".vace_blocks." in f".{n}" for n in trainable)
@@ -212,7 +214,7 @@ def test_only_lora_params_require_grad(workdir):
         "proj_out",
     }
     # the paper's (the real profiles'): the VACE blocks' self-attention q/k/v only
-    paper, _ = tr._build_model(
+    paper, _ = build_trainable(
         _params(root, models, lora_targets=r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"), "cpu", "cached"
     )
     paper_trainable = {n for n, p in paper.named_parameters() if p.requires_grad}
@@ -237,12 +239,13 @@ def test_only_lora_params_require_grad(workdir):
 def test_caption_dropout_swaps_in_the_null_text(workdir):
     """With train.caption_dropout = 1 every caption is the null text: the prompt no longer matters."""
     root, models = workdir
-    transformer, _ = tr._build_model(_params(root, models), "cpu", "cached")
+    transformer, _ = build_trainable(_params(root, models), "cpu", "cached")
     g = torch.Generator().manual_seed(0)
     batch = {
         "latents": torch.randn(1, 16, F, H, W, generator=g),
         "context": torch.randn(1, C, F, H, W, generator=g),
         "prompt_embeds": torch.randn(1, L, D, generator=g),
+        "keys": ["clip0"],
     }
     null = torch.randn(L, D, generator=g)
     scale = torch.ones(len(transformer.config.vace_layers))
@@ -387,13 +390,14 @@ def _styled_clips(n: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
     return clips
 
 
-def test_overfit_a_handful_of_clips(tmp_path: Path, tiny_backbone: Path):
+def test_overfit_a_handful_of_clips(tmp_path: Path, tiny_backbone: Path, noise_per_clip):
     """The loss falls clearly on 2 real encoded clips ("overfit one batch": fixed noise/timestep per clip).
 
-    Measured on the pretrained backbone: 0.81 -> 0.61 (0.75x) over 200 steps; asserted at 0.85x.
+    Measured on the pretrained backbone (LoRA on every VACE linear, lr 3e-3): 0.80 -> 0.56 (0.71x) over 200 steps;
+    asserted at 0.85x.
 
     The default tiny backbone (``params.model.tiny``) and the real code path; each clip keeps its noise and
-    timestep (``train.fixed_noise``), because with fresh noise every step the floor is the irreducible noise term.
+    timestep (the ``noise_per_clip`` fixture), because with fresh noise every step the floor is the irreducible noise term.
     """
     from pickstyle.latents import encode_clip
     from pickstyle.model.components import ensure_backbone, load_pipeline
@@ -403,12 +407,11 @@ def test_overfit_a_handful_of_clips(tmp_path: Path, tiny_backbone: Path):
         tmp_path,
         tmp_path / "models",
         steps=200,
-        lr=2e-2,
+        lr=3e-3,
         warmup_steps=10,
         log_every=50,
         lora_rank=32,
         lora_alpha=32.0,
-        fixed_noise=True,
         caption_dropout=0.0,  # every step the same (clip, noise, timestep, caption)
     )
     with _threads(1):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from pickstyle import checkpoints as ckpt
-from pickstyle import train as tr
+from pickstyle.model.trainable import empty_transformer
 from tests.procs import run_group
 from tests.test_train import _random_latents
 
@@ -51,13 +51,14 @@ if os.environ.get("FSDP_ON_CPU") == "1":
 
     AcceleratorState.__init__ = _init_fsdp_on_cpu
 
-_empty = tr._empty_transformer
+import pickstyle.model.trainable as trainable
+_empty = trainable.empty_transformer
 
 def spy(*args):
     print("EMPTY MODEL ON RANK", os.environ["RANK"], flush=True)
     return _empty(*args)
 
-tr._empty_transformer = spy
+trainable.empty_transformer = spy
 torch.set_num_threads(1)
 root, models, steps, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 params = parse_params({
@@ -145,7 +146,7 @@ def test_empty_transformer_matches_from_pretrained(tiny_backbone: Path):
     from diffusers import WanVACETransformer3DModel
 
     loaded = WanVACETransformer3DModel.from_pretrained(tiny_backbone / "transformer", dtype=torch.bfloat16)
-    empty = tr._empty_transformer(tiny_backbone, torch.bfloat16)
+    empty = empty_transformer(tiny_backbone, torch.bfloat16)
     a, b = dict(loaded.named_parameters()), dict(empty.named_parameters())
     assert a.keys() == b.keys()
     assert all(b[k].is_meta and b[k].dtype == a[k].dtype and b[k].shape == a[k].shape for k in a)

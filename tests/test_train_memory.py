@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from pickstyle import train as tr
 from pickstyle.config import load_params
+from pickstyle.model.trainable import build_trainable
 from tests.test_train import _params, _random_latents, _threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +33,14 @@ def _models(root: Path, tiny_backbone: Path, name: str) -> Path:
     return models
 
 
-def test_grad_accum_equals_the_larger_batch(data_root: Path, tiny_backbone: Path, monkeypatch) -> None:
+def test_grad_accum_equals_the_larger_batch(
+    data_root: Path, tiny_backbone: Path, monkeypatch, noise_per_clip
+) -> None:
     """2 micro-batches of 1 clip give the optimizer step of 1 batch of 2 clips: the same loss, gradient norm and
     adapter (fixed noise per clip, so both runs see identical inputs)."""
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    kw = {"steps": 2, "fixed_noise": True, "warmup_steps": 0}
+    kw = {"steps": 2, "warmup_steps": 0}
     with _threads(1):
         batch = tr.train(_params(data_root, _models(data_root, tiny_backbone, "m1"), batch_size=2, **kw))
         accum = tr.train(
@@ -60,9 +63,11 @@ def test_user_allocator_setting_wins(data_root: Path, tiny_backbone: Path, monke
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
 
 
-def test_checkpointing_and_offload_change_memory_not_results(data_root: Path, tiny_backbone: Path) -> None:
+def test_checkpointing_and_offload_change_memory_not_results(
+    data_root: Path, tiny_backbone: Path, noise_per_clip
+) -> None:
     """Recomputing blocks and parking saved tensors on the CPU must give the same adapter as neither."""
-    kw = {"steps": 2, "fixed_noise": True}
+    kw = {"steps": 2}
     with _threads(1):
         plain = tr.train(_params(data_root, _models(data_root, tiny_backbone, "m1"), **kw))
         lean = tr.train(
@@ -85,7 +90,7 @@ def test_bf16_base_trains_on_cpu_with_fp32_lora(data_root: Path, tiny_backbone: 
     models = _models(data_root, tiny_backbone, "m")
     params = _params(data_root, models, steps=3, gradient_checkpointing=True)
     params.model.dtype = "bfloat16"
-    transformer, _ = tr._build_model(params, "cpu", "cached")
+    transformer, _ = build_trainable(params, "cpu", "cached")
     base = {p.dtype for n, p in transformer.named_parameters() if not p.requires_grad}
     lora = {p.dtype for n, p in transformer.named_parameters() if p.requires_grad}
     assert torch.bfloat16 in base and lora == {torch.float32}
