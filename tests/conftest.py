@@ -148,3 +148,19 @@ def noise_per_clip(monkeypatch):
     monkeypatch.setattr(
         tr, "draw_noise", lambda keys, shape, shift, generator: fixed_noise(keys, shape[1:], shift)
     )
+
+
+@pytest.fixture(scope="session")
+def real_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real video: ``../shared/videos/wolf.mp4`` where the developers' machine has it, else one the project makes
+    that looks real: a slow camera pan over a photograph no stage trains on (matplotlib's portrait of Grace
+    Hopper), 40 frames of 256x256 at 20 fps in H.264 (as wolf.mp4), so the tests run the same in CI."""
+    wolf = Path(__file__).resolve().parents[1].parent / "shared" / "videos" / "wolf.mp4"
+    if wolf.is_file():
+        return wolf
+    from pickstyle.data.footage import heldout_images, pan_clip
+    from pickstyle.data.video import write_video
+
+    image = dict(heldout_images())["grace_hopper"]
+    out = tmp_path_factory.mktemp("video") / "pan.mp4"
+    return write_video(out, pan_clip(image, 40, 256, 256), 20.0)

@@ -14,7 +14,6 @@ from pickstyle.data.video import read_video, write_video
 from pickstyle.model.windows import plan_windows
 from pickstyle.stylize import resample_frames
 
-WOLF = Path(__file__).resolve().parents[1] / "../shared/videos/wolf.mp4"
 PROMPT = "anime style. a wolf in the snow"
 
 
@@ -192,11 +191,10 @@ def test_resample_frames_keeps_duration():
     assert len(up) == 30 and up[0, 0, 0, 0] == 0 and up[-1, 0, 0, 0] == 27
 
 
-@pytest.mark.skipif(not WOLF.is_file(), reason="shared/videos/wolf.mp4 not present")
-def test_wolf(tmp_path, models_dir):
-    _, src_fps = read_video(WOLF, max_frames=2)
+def test_real_video(tmp_path, models_dir, real_video):
+    _, src_fps = read_video(real_video, max_frames=2)
     out = tmp_path / "wolf.mp4"
-    assert _stylize(WOLF, out, models_dir, "--max-frames", "13") == 0
+    assert _stylize(real_video, out, models_dir, "--max-frames", "13") == 0
     frames, fps = read_video(out)
     assert frames.shape == (13, 64, 96, 3)
     assert fps == pytest.approx(src_fps)

@@ -20,8 +20,6 @@ from pickstyle.data.video import (
 )
 from pickstyle.errors import PickstyleError
 
-WOLF = Path(__file__).resolve().parents[2] / "../shared/videos/wolf.mp4"
-
 
 def noise_frames(t: int = 5, h: int = 32, w: int = 48, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
@@ -139,7 +137,6 @@ def test_resize_cover_crop_and_pad():
         pad_to(frames, 32, 32)
 
 
-@pytest.mark.skipif(not WOLF.exists(), reason="shared/videos/wolf.mp4 not present")
-def test_reads_the_shared_sample_video():
-    frames, fps = read_video(WOLF, max_frames=5)
+def test_reads_a_real_video(real_video):
+    frames, fps = read_video(real_video, max_frames=5)
     assert frames.shape[0] == 5 and frames.shape[-1] == 3 and fps > 0

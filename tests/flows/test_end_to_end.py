@@ -3,7 +3,7 @@
 pairs -> clips -> latents -> train -> evaluate -> register (on the committed pretrained backbone), with MLflow
 (sqlite) in ``tmp_path``;
 then the registered model is loaded by alias and stylizes a real video (``../shared/videos/wolf.mp4`` when
-present, a generated clip otherwise).
+present, else a pan over a real photograph: the ``real_video`` fixture).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 from pickstyle.config import load_params
 
 ROOT = Path(__file__).resolve().parents[2]
-WOLF = ROOT.parent / "shared" / "videos" / "wolf.mp4"
 
 SMALL = {
     "pairs.styles": ["anime", "sepia"],
@@ -37,7 +36,9 @@ SMALL = {
 
 
 @pytest.mark.slow
-def test_every_stage_end_to_end(tiny_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_stage_end_to_end(
+    tiny_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_video: Path
+) -> None:
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -48,7 +49,7 @@ def test_every_stage_end_to_end(tiny_backbone: Path, tmp_path: Path, monkeypatch
     from flows.pairs import pairs_flow
     from flows.register import register_flow
     from flows.train import train_flow
-    from pickstyle.data.video import read_video, write_video
+    from pickstyle.data.video import read_video
     from pickstyle.tracking import tracking_uri
 
     for var in ("MLFLOW_TRACKING_URI", "PICKSTYLE_MLFLOW_URI", "DVC_EXP_NAME"):
@@ -92,11 +93,7 @@ def test_every_stage_end_to_end(tiny_backbone: Path, tmp_path: Path, monkeypatch
     again = register_flow(params)
     assert not again["created"] and again["version"] == summary["version"]
 
-    if WOLF.is_file():
-        video = WOLF
-    else:
-        rng = np.random.default_rng(0)
-        video = write_video(tmp_path / "clip.mp4", rng.integers(0, 255, (12, 80, 120, 3), dtype=np.uint8), 10)
+    video = real_video
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = tmp_path / "stylized.mp4"
