@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pickstyle.config import Params, parse_params
-from pickstyle.data.clips import ClipsError, build_clips, iter_clips
+from pickstyle.data.clip_reader import iter_clips
+from pickstyle.data.clips import ClipsError, build_clips
 from pickstyle.data.images import encode_png
 from pickstyle.data.motion import render_pair
 from pickstyle.data.shards import ShardError, write_shards

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pickstyle.data.clips import build_clips, iter_clips
+from pickstyle.data.clip_reader import iter_clips
+from pickstyle.data.clips import build_clips
 from tests.data.test_clips import make_pairs, make_params
 
 
