@@ -428,8 +428,8 @@ class Evaluate(Section):
     max_clips: int = 0
     #: Optional local CLIP model folder for a text-frame score.
     clip_model_path: str | None = None
-    #: Test clips (rows) in ``eval/preview.gif`` (added by the evaluation).
-    preview_clips: int = Field(default=2, ge=1)
+    #: Test clips (rows) in ``eval/preview.gif``; 5 = one per built-in style (the test clips cycle through them).
+    preview_clips: int = Field(default=5, ge=1)
     experiment: str = "pickstyle-eval"
 
 

@@ -242,5 +242,6 @@ def test_reconstruct_through_the_cli_returns_the_source(tmp_path, models_dir, re
     frames, _ = read_video(out)
     source, _, _ = read_fitted(real_video, 64, 96, "crop", 9)
     assert frames.shape == source.shape == (9, 64, 96, 3)
-    # measured RECON_PSNR dB (wolf.mp4) / dB (the generated pan) with the committed backbone; asserted at half
-    assert psnr(frames, source) >= RECON_MIN
+    # measured 16.98 dB (wolf.mp4) / 16.71 dB (the generated pan) with the committed backbone (8 steps, the
+    # profile's sampling); noise alone gives ~8 dB
+    assert psnr(frames, source) >= 15.0
