@@ -206,6 +206,19 @@ class Pairs(Section):
     shard_size: int = 64
 
 
+#: The reference's camera-motion mix (zoom in/out, four slides, rotate drawn twice as often): the default of both
+#: the adapter's clips (``clips.motion_mix``, which adds the off-by-default extra motions) and pretraining's own.
+REFERENCE_MOTION_MIX = {
+    "zoom_in": 1.0,
+    "zoom_out": 1.0,
+    "slide_left": 1.0,
+    "slide_right": 1.0,
+    "slide_up": 1.0,
+    "slide_down": 1.0,
+    "rotate": 2.0,
+}
+
+
 class Clips(Section):
     """The ``clips`` stage: synthetic camera-motion clips with shared augmentation, and held-out test clips."""
 
@@ -215,13 +228,7 @@ class Clips(Section):
     #: Relative weights of the moving motions (the reference mix by default; rotate drawn twice as often).
     motion_mix: dict[str, float] = Field(
         default_factory=lambda: {
-            "zoom_in": 1.0,
-            "zoom_out": 1.0,
-            "slide_left": 1.0,
-            "slide_right": 1.0,
-            "slide_up": 1.0,
-            "slide_down": 1.0,
-            "rotate": 2.0,
+            **REFERENCE_MOTION_MIX,
             "dolly": 0.0,
             "handheld": 0.0,
             "tilt": 0.0,
@@ -315,17 +322,7 @@ class Pretrain(Section):
     #: Cut-out objects per procedural scene.
     scene_objects: int = Field(default=3, ge=0)
     #: Camera motions of the pretraining clips (pretrain's own: the ``clips`` stage's are the adapter's data).
-    motion_mix: dict[str, float] = Field(
-        default_factory=lambda: {
-            "zoom_in": 1.0,
-            "zoom_out": 1.0,
-            "slide_left": 1.0,
-            "slide_right": 1.0,
-            "slide_up": 1.0,
-            "slide_down": 1.0,
-            "rotate": 2.0,
-        }
-    )
+    motion_mix: dict[str, float] = Field(default_factory=lambda: dict(REFERENCE_MOTION_MIX))
     static_prob: float = Field(default=0.2, ge=0, le=1)
     #: Probability that a caption is replaced by the sampler's "null text" (Wan's negative prompt), so CFG has an
     #: unconditional branch to contrast with.
