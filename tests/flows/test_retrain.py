@@ -203,7 +203,7 @@ def test_retrain_runs_a_real_dvc_experiment_and_registers(tmp_path: Path) -> Non
 
     result = retrain.retrain_style(style="sepia", steps=3, repo=str(work))
     assert result["registered"] is not None, result
-    assert result["registered"]["version"] == "1" and "champion" in result["registered"]["aliases"]
+    assert str(result["registered"]["version"]) == "1" and "champion" in result["registered"]["aliases"]
     assert run(*dvc, "exp", "list", "--name-only").split() == [result["experiment"]]
     # the experiment left the workspace as it was, and registered into the workspace's MLflow store
     assert not (work / "models" / "adapter").exists()
