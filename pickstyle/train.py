@@ -286,8 +286,8 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
     transformer, pipe = build_trainable(params, str(device), t.mode, empty=empty)
     if ram_efficient:
         # accelerate's broadcast (fsdp2_load_full_state_dict) looks tensors up with transformers'
-        # ``getparameter_or_buffer``, which diffusers models lack.
-        transformer.getparameter_or_buffer = functools.partial(parameter_or_buffer, transformer)
+        # ``get_parameter_or_buffer``, which diffusers models lack.
+        transformer.get_parameter_or_buffer = functools.partial(parameter_or_buffer, transformer)
     state = load_lora(ckpt, transformer, lora=lora_cfg, world_size=world, empty=empty) if ckpt else {}
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in trainable)
