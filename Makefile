@@ -61,6 +61,14 @@ format: $(STAMP) ## ruff format + autofix
 ui: $(STAMP) ## start the Prefect server and the MLflow UI on 127.0.0.1 and print both URLs
 	$(BIN)/python -m flows.ui
 
+# `make server SERVER_HOST=0.0.0.0 MLFLOW_BACKEND=postgresql://u:p@db/mlflow MLFLOW_ARTIFACTS=s3://bucket/mlflow`
+SERVER_HOST ?= 127.0.0.1
+.PHONY: server
+server: $(STAMP) ## start the Prefect server and a team's MLflow tracking server (proxied artifacts; README)
+	$(BIN)/python -m flows.ui --tracking-server --host $(SERVER_HOST) \
+		$(if $(MLFLOW_BACKEND),--backend-store-uri '$(MLFLOW_BACKEND)') \
+		$(if $(MLFLOW_ARTIFACTS),--artifacts-destination '$(MLFLOW_ARTIFACTS)')
+
 bench: $(STAMP) ## run the benchmarks (render and sample rewrite their bench/RESULTS.md sections)
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/train.py

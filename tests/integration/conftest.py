@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from flows import ui
 from tests.procs import group
 
 BIN = Path(sys.executable).parent
@@ -112,15 +113,17 @@ def started(
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """``mlflow server``: sqlite backend, artifacts proxied (``--serve-artifacts``) from a folder only it knows.
+    """``mlflow server`` as ``make server`` starts it: sqlite backend, artifacts proxied (``--serve-artifacts``)
+    from a folder only it knows.
 
     Clients get ``mlflow-artifacts:/`` locations and move every file over HTTP.
     """
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-    cmd += ["--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # the command `make server` runs (flows/ui.py), on this test's store and port
+    # PICKSTYLE_TEST_MLFLOW_BACKEND=postgresql://… runs the same tests on a PostgreSQL store (psycopg2-binary)
+    backend = os.environ.get("PICKSTYLE_TEST_MLFLOW_BACKEND") or f"sqlite:///{root / 'mlflow.db'}"
+    cmd = ui.commands(backend, root / "artifacts", 0, port, tracking_server=True)["mlflow"]
     url = f"http://127.0.0.1:{port}"
     log = root / "server.log"
     with started("mlflow server", cmd, log, child_env(), f"{url}/health", root, 120) as proc:
