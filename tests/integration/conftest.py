@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from flows import ui
-from tests.procs import group
+from tests.procs import group, kill_group
 
 BIN = Path(sys.executable).parent
 #: The environment every child process gets: offline, no telemetry, this venv first on PATH.
@@ -89,6 +90,41 @@ def answers(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def tree(cmd: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """:func:`tests.procs.group`, and at the end also every descendant that left the group.
+
+    Prefect's process worker starts each flow run in a session of its own (so a group-wide signal cannot beat it
+    to the child): killing the worker's group alone would leave the flow run, its ``dvc exp run`` and its stages.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s group, then the groups and processes of all its descendants (found before the kill)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    groups = set()
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(kid.pid))
+    kill_group(proc)
+    for pgid in groups - {os.getpgid(0)}:  # never this test's own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    for kid in kids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kid.kill()
+
+
 @dataclass
 class Server:
     """A started server: its URL, the process, its log and (for MLflow) where it keeps its data."""
@@ -139,7 +175,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     root = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = child_env(PREFECT_HOME=str(root / "home"))
+    # the scheduler's main loop every 5 s instead of 60 (a schedule added to a deployment waits for it)
+    env = child_env(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
     log = root / "server.log"
     with started("prefect server", cmd, log, env, f"{url}/health", root, 180) as proc:
