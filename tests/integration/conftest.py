@@ -1,9 +1,9 @@
 """Servers a team runs, each a real process on 127.0.0.1 started and stopped by the tests.
 
 ``mlflow_server`` (a tracking server with proxied artifacts) and ``prefect_server`` (a Prefect API with its own
-``PREFECT_HOME``) are started once per session, on free ports, in their own process groups (``tests.procs``), and
-killed however the session ends. Their logs are files; a server that dies or does not answer fails with its log.
-"""
+``PREFECT_HOME``) are started once for this folder's tests and stopped after its last one, on free ports, in their
+own process groups (``tests.procs``), killed however the tests end. Their logs are files; a server that dies or
+does not answer fails with its log."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def started(
         yield proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``mlflow server`` as ``make server`` starts it: sqlite backend, artifacts proxied (``--serve-artifacts``)
     from a folder only it knows.
@@ -166,7 +166,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield Server(url, proc, log, root)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``prefect server start`` with its own ``PREFECT_HOME`` (its sqlite database), no UI.
 

@@ -202,7 +202,7 @@ def test_the_server_scheduler_turns_a_schedule_into_runs(deployed: dict, prefect
     def made() -> list:
         return [r for r in _runs(deployment.id) if r.auto_scheduled]
 
-    deadline = time.monotonic() + 15  # the test server's scheduler loops every 5 s
+    deadline = time.monotonic() + 10  # the test server's scheduler loops every 5 s
     while not made() and time.monotonic() < deadline:
         time.sleep(1)
     runs = made()
