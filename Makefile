@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 PIP := $(BIN)/pip --disable-pip-version-check --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock demo test test-fast lint format ui bench bench-gpu clean
+.PHONY: help install lock demo test test-fast lint format ui bench bench-gpu clean app
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
 	# every other package at the version the committed dvc.lock was made with
 	$(PIP) install -c requirements.lock -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	# gradio (`pickstyle app`) without its declared pillow<13 / tomlkit<0.15 caps (pyproject.toml says why)
+	$(PIP) install -c requirements.lock --no-deps gradio 2> >(grep -v "is ignored: it is neither" >&2)
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install pickstyle (CPU torch 2.13.0, the rest from requirements.lock)
@@ -33,6 +35,7 @@ lock: ## re-resolve pyproject.toml in a scratch venv and rewrite requirements.lo
 	rm -rf .lock-venv && $(PY) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet torch==2.13.0
 	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	.lock-venv/bin/pip install --quiet --no-deps gradio
 	{ head -n 2 requirements.lock; .lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock && rm -rf .lock-venv
 
@@ -44,8 +47,20 @@ demo: $(STAMP) ## run the whole pipeline on the embedded default: dvc repro (tin
 		&& echo "reproduced: dvc status clean, dvc.lock as committed" \
 		|| echo "note: outputs differ from the committed dvc.lock (see git diff dvc.lock)"
 
-test: $(STAMP) ## run the whole test suite, as CI does
+test: browser $(STAMP) ## run the whole test suite, as CI does
 	$(BIN)/pytest -q
+
+# The web demo's browser test drives Debian's chromium (playwright, executable_path): installed here when missing.
+# Without root (or sudo) it warns, and only that test skips, saying why; under CI it fails instead.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
+.PHONY: browser
+browser: ## install headless chromium for tests/test_app.py (apt-get, only when /usr/bin/chromium is missing)
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; } \
+		|| echo "warning: could not install chromium (apt-get needs root); tests/test_app.py's browser test will skip"
+
+app: $(STAMP) ## the web demo (Gradio) on http://127.0.0.1:7860: upload a video, pick a model, stylize
+	$(BIN)/pickstyle app
 
 test-fast: $(STAMP) ## the suite without the tests marked slow (end-to-end runs, subprocess kills, servers)
 	$(BIN)/pytest -q -m "not slow"
