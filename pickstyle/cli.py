@@ -111,6 +111,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(format_plan(result))
 
 
+def cmd_app(args: argparse.Namespace) -> None:
+    from pickstyle.app import launch
+
+    launch(_params(args), host=args.host, port=args.port, share=args.share)
+
+
 def sample_with(sample: Sample, overrides: dict[str, Any]) -> Sample:
     """``sample`` with the command-line overrides, validated together (``--steps 4 --skip 2`` is checked as one).
 
@@ -176,6 +182,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "evaluate": (cmd_evaluate, "stage 5: stylize held-out test clips and score them (eval/)"),
     "register": (cmd_register, "stage 6: register the adapter in MLflow (@challenger, gated @champion)"),
     "stylize": (cmd_stylize, "re-render any video in a style (CS-CFG)"),
+    "app": (
+        cmd_app,
+        "web demo (Gradio): upload a video, pick a registered model or adapter, stylize it in the browser",
+    ),
     "import-adapter": (
         cmd_import_adapter,
         "convert an official PickStyle .pth checkpoint to a diffusers LoRA folder",
@@ -216,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
         elif name == "stylize":
             _add_stylize_args(p)
+        elif name == "app":
+            _add_app_args(p)
         elif name == "export-adapter":
             p.add_argument("adapter", help="adapter folder (diffusers LoRA format), e.g. models/adapter")
             p.add_argument(
@@ -286,6 +298,23 @@ def _add_stylize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--side-by-side", action="store_true", help="write source | result")
     p.add_argument(
         "--preview", metavar="PNG", help="also write a still: 4 source frames above the same 4 results"
+    )
+
+
+def _add_app_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "The model list: every alias in the MLflow registry the params point to (./mlflow.db, or "
+        "PICKSTYLE_MLFLOW_URI / MLFLOW_TRACKING_URI), the adapter folders under paths.models, the base model; "
+        "any models:/ URI or folder can be typed in. Sampling defaults: params.yaml `sample` and the profile."
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: all)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also make a public *.gradio.live link through Gradio's tunnel (needs the internet; default: off)",
     )
 
 
