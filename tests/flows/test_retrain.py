@@ -10,6 +10,7 @@ import yaml
 
 from flows import retrain
 from pickstyle.config import parse_params
+from tests.projects import small_project
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,7 +155,6 @@ def test_retrain_runs_a_real_dvc_experiment_and_registers(tmp_path: Path) -> Non
     """The deployment's flow end to end: a real ``dvc exp run --temp`` in a git + DVC copy of the project (tiny
     settings; the committed backbone, so ``pretrain`` is up to date), then the registered version it made."""
     import os
-    import shutil
     import subprocess
 
     from mlflow.tracking import MlflowClient
@@ -162,29 +162,8 @@ def test_retrain_runs_a_real_dvc_experiment_and_registers(tmp_path: Path) -> Non
     from pickstyle import tracking
     from pickstyle.config import load_params
 
-    work = tmp_path / "repo"
-    work.mkdir()
-    for item in ("dvc.yaml", "dvc.lock", ".dvcignore", "flows", "pickstyle", "models/backbone"):
-        src, dst = ROOT / item, work / item
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["pairs"].update({"per_style": 2, "size": 64})
-    params["clips"].update({"test_clips": 1, "variants": 1, "preview_clips": 1})
-    params["train"].update({"checkpoint_every": 0, "log_every": 1})
-    params["evaluate"].update(
-        {
-            "max_clips": 1,
-            "variants": ["identity", "base", "cs_cfg"],
-            "preview_clips": 1,
-            "sample": {"steps": 2},
-        }
-    )
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    work = small_project(tmp_path / "repo", env, variants=("identity", "base", "cs_cfg"))
 
     def run(*cmd: str) -> str:
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=120)
@@ -192,15 +171,6 @@ def test_retrain_runs_a_real_dvc_experiment_and_registers(tmp_path: Path) -> Non
         return proc.stdout
 
     dvc = (sys.executable, "-m", "dvc")
-    run("git", "init", "-q")
-    run(*dvc, "init", "-q")
-    run(*dvc, "config", "core.analytics", "false")
-    run(
-        *dvc, "commit", "-f", "-q", "pretrain"
-    )  # the committed backbone is this code's: pretrain never reruns
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project")
-
     result = retrain.retrain_style(style="sepia", steps=3, repo=str(work))
     assert result["registered"] is not None, result
     assert str(result["registered"]["version"]) == "1" and "champion" in result["registered"]["aliases"]

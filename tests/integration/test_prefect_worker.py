@@ -9,19 +9,17 @@ and registers ``pickstyle-sepia`` in MLflow; and the server's scheduler turns a 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.conftest import BIN, Server, child_env, tree, wait_for
 from tests.procs import run_group
+from tests.projects import small_project
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "pickstyle"  # prefect.yaml's work pool
@@ -29,58 +27,6 @@ DEPLOYMENT = "retrain-style/retrain-style"
 MODEL = "pickstyle-sepia"  # what the scheduled run retrains
 
 pytestmark = pytest.mark.slow  # servers, a deployment, a retrain
-
-
-def small_project(work: Path) -> Path:
-    """A git + DVC copy of the project whose params make a retrain take a minute (3 training steps)."""
-    work.mkdir()
-    for item in (
-        "dvc.yaml",
-        "dvc.lock",
-        ".dvcignore",
-        "prefect.yaml",
-        "flows",
-        "pickstyle",
-        "models/backbone",
-    ):
-        src, dst = ROOT / item, work / item
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["pairs"].update({"per_style": 2, "size": 64})
-    params["clips"].update({"test_clips": 1, "variants": 1, "preview_clips": 1})
-    params["train"].update({"steps": 3, "checkpoint_every": 0, "log_every": 1})
-    params["evaluate"].update(
-        {
-            "max_clips": 1,
-            "variants": ["cs_cfg"],
-            "preview_clips": 1,
-            "sample": {"steps": 2},
-        }
-    )
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = child_env()
-    dvc = (sys.executable, "-m", "dvc")
-    for cmd in (
-        ("git", "init", "-q"),
-        (*dvc, "init", "-q"),
-        (*dvc, "config", "core.analytics", "false"),
-        (
-            *dvc,
-            "commit",
-            "-f",
-            "-q",
-            "pretrain",
-        ),  # the committed backbone is this code's: pretrain never reruns
-        ("git", "add", "-A"),
-        ("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"),
-    ):
-        done = run_group(cmd, timeout=120, cwd=work, env=env)
-        assert done.returncode == 0, done.stdout + done.stderr
-    return work
 
 
 def _prefect(*args: str, cwd: Path, env: dict[str, str]) -> str:
@@ -99,7 +45,7 @@ def deployed(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = tmp_path_factory.mktemp("worker")
-    work = small_project(root / "repo")
+    work = small_project(root / "repo", child_env(), train={"steps": 3})
     env = child_env(**prefect_server.extra, MLFLOW_TRACKING_URI=mlflow_server.url)
     _prefect("work-pool", "create", POOL, "--type", "process", cwd=work, env=env)
     _prefect("deploy", "--name", "retrain-style", cwd=work, env=env)
@@ -177,18 +123,6 @@ def test_a_run_scheduled_ahead_is_retrained_by_the_worker_and_registered(
     print(f"scheduled retrain: {elapsed:.0f} s from the worker's start")
 
 
-def _sqlalchemy_2_1() -> bool:
-    import sqlalchemy
-
-    return tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
-
-
-@pytest.mark.xfail(
-    _sqlalchemy_2_1(),
-    strict=True,
-    reason="Prefect 3.8's scheduler service fails on SQLAlchemy 2.1 (bulk insert of FlowRun's `state` hybrid: "
-    '"Can\'t evaluate bulk DML statement"): deployment schedules make no runs',
-)
 def test_the_server_scheduler_turns_a_schedule_into_runs(deployed: dict, prefect_api: str) -> None:
     """An interval schedule added to the deployment: the server's scheduler service makes its runs (due from
     tomorrow, so no worker takes them)."""
