@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 
@@ -44,3 +45,10 @@ def run_group(cmd: Sequence[str], timeout: float, **kwargs) -> subprocess.Comple
                 f"{cmd[:3]}... timed out after {timeout} s:\n{(out or '')[-2000:]}{(err or '')[-2000:]}"
             ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -70,3 +70,29 @@ def small_project(
         done = run_group(cmd, timeout=120, cwd=work, env=dict(env))
         assert done.returncode == 0, done.stdout + done.stderr
     return work
+
+
+def random_adapter(backbone: Path, out: Path, rank: int = 4) -> Path:
+    """A small adapter with random (non-zero) LoRA weights: it changes the output, as a trained one would."""
+    import torch
+
+    from pickstyle.model.adapters import add_context_style_adapter, save_adapter
+    from pickstyle.model.components import load_pipeline
+
+    pipe = load_pipeline(backbone)
+    add_context_style_adapter(pipe.transformer, rank=rank, alpha=float(rank))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_adapter(pipe, out)
+    return out
+
+
+def without_outside_tracking(mp) -> None:
+    """Unset (on ``mp``, a ``pytest.MonkeyPatch``) what would point MLflow or DVC elsewhere than the project."""
+    from pickstyle import tracking
+
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
+        mp.delenv(key, raising=False)

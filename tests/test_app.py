@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from pickstyle import register, tracking
@@ -35,7 +33,8 @@ from pickstyle.config import parse_params
 from pickstyle.data.video import read_video, write_video
 from pickstyle.model.adapters import WEIGHT_NAME
 from pickstyle.register import RegistryError
-from tests.procs import group
+from tests.procs import free_port, group
+from tests.projects import random_adapter, without_outside_tracking
 
 MODEL = "pickstyle-app-test"
 PROMPT = "anime style. a portrait of a woman"
@@ -75,22 +74,6 @@ def _pan(path: Path, frames: int = 9, height: int = 64, width: int = 96, fps: fl
     return write_video(path, pan_clip(image, frames, height, width), fps)
 
 
-def _random_adapter(backbone: Path, out: Path) -> Path:
-    """A small adapter with random (non-zero) LoRA weights: it changes the output, as a trained one would."""
-    from pickstyle.model.adapters import add_context_style_adapter, save_adapter
-    from pickstyle.model.components import load_pipeline
-
-    pipe = load_pipeline(backbone)
-    add_context_style_adapter(pipe.transformer, rank=4, alpha=4.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    save_adapter(pipe, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def project(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
     """A project folder: the tiny backbone, one adapter folder, and that adapter registered as ``MODEL``
@@ -98,7 +81,7 @@ def project(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("app-project")
     models = root / "models"
     shutil.copytree(tiny_backbone, models / "backbone")
-    _random_adapter(tiny_backbone, models / "adapter")
+    random_adapter(tiny_backbone, models / "adapter")
     tree = {
         "paths": {
             "models": str(models),
@@ -111,8 +94,7 @@ def project(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
     (root / "params.yaml").write_text(yaml.safe_dump(tree))
     params = parse_params(tree)
     with pytest.MonkeyPatch.context() as mp:
-        for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
-            mp.delenv(key, raising=False)
+        without_outside_tracking(mp)
         mp.chdir(root)
         register.register(params)
         yield SimpleNamespace(root=root, params=params, adapter=models / "adapter")
@@ -227,12 +209,6 @@ def test_a_failed_run_leaves_nothing_behind(project, tmp_path: Path) -> None:
 # --- in a real browser ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until_served(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -278,7 +254,7 @@ def test_the_page_stylizes_an_upload_in_chromium(project, tmp_path: Path) -> Non
     from playwright.sync_api import sync_playwright
 
     clip = _pan(tmp_path / "clip.mp4")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     app_tmp = tmp_path / "app-tmp"  # the app's temporary folders (its runs, Gradio's cache)
     app_tmp.mkdir()

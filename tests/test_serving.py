@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pickstyle import register, tracking
 from pickstyle.config import parse_params
+from tests.procs import free_port
+from tests.projects import random_adapter, without_outside_tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pickstyle-serve-test"
@@ -29,26 +29,15 @@ MODEL = "pickstyle-serve-test"
 @pytest.fixture(scope="module")
 def registered(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A project folder (tiny backbone, one small adapter, eval metrics) registered as ``MODEL`` version 1."""
-    from pickstyle.model.adapters import add_context_style_adapter, save_adapter
-    from pickstyle.model.components import load_pipeline
-
     root = tmp_path_factory.mktemp("serve-project")
     shutil.copytree(tiny_backbone, root / "models" / "backbone")
-    pipe = load_pipeline(tiny_backbone)
-    add_context_style_adapter(pipe.transformer, rank=4, alpha=4.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    save_adapter(pipe, root / "models" / "adapter")
+    random_adapter(tiny_backbone, root / "models" / "adapter")
     (root / "eval").mkdir()
     metrics = {"cs_cfg/style_psnr": 20.0, "cs_cfg/style_psnr_se": 0.5, "base/warp_error": 0.01}
     (root / "eval" / "metrics.json").write_text(json.dumps(metrics))
     params = parse_params({"register": {"model_name": MODEL}, "sample": {"steps": 2}})
     with pytest.MonkeyPatch.context() as mp:
-        for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME", "DVC_ROOT"):
-            mp.delenv(key, raising=False)
+        without_outside_tracking(mp)
         mp.chdir(root)
         summary = register.register(params)
         yield {"root": root, "params": params, "summary": summary, "uri": tracking.tracking_uri(params)}
@@ -163,12 +152,6 @@ def test_serving_example_works_and_metrics_are_one_table(registered) -> None:
     assert "| **cs_cfg** | **style_psnr** | **20** | **0.5** |" in version.description
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -183,7 +166,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_a_posted_clip(registered, tmp_path: Path) -> None:
     """``mlflow models serve -m models:/NAME@champion --env-manager local`` on 127.0.0.1: base64 in, mp4 out."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": registered["uri"],  # the project's database, from another working directory

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flows import ui
-from tests.procs import group, kill_group
+from tests.procs import free_port, group, kill_group
 
 BIN = Path(sys.executable).parent
 #: The environment every child process gets: offline, no telemetry, this venv first on PATH.
@@ -51,12 +50,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 4000) -> str:
