@@ -1,8 +1,8 @@
-"""A small git + DVC copy of the project, for the tests that run the pipeline as a DVC experiment (retrain-style).
+"""Projects the tests build: a small git + DVC copy of this one, a random adapter, a project-local registry.
 
-Its params make a retrain take about a minute (2-photo styles, one test clip, two sampling steps), and the
-committed backbone is recorded in its ``dvc.lock`` as this code's (``dvc commit -f pretrain``), so ``pretrain``
-never reruns there.
+:func:`small_project` is for the tests that run the pipeline as a DVC experiment (retrain-style): its params make a
+retrain take about a minute (2-photo styles, one test clip, two sampling steps), and the committed backbone is
+recorded in its ``dvc.lock`` as this code's (``dvc commit -f pretrain``), so ``pretrain`` never reruns there.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from tests.integration.conftest import BIN, Server, child_env, tree, wait_for
 from tests.procs import run_group
 from tests.projects import small_project
 
-ROOT = Path(__file__).resolve().parents[2]
 POOL = "pickstyle"  # prefect.yaml's work pool
 DEPLOYMENT = "retrain-style/retrain-style"
 MODEL = "pickstyle-sepia"  # what the scheduled run retrains
