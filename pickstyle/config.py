@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -48,9 +49,14 @@ class Paths(Section):
 class TinyBackbone(Section):
     """Sizes of the tiny Wan2.1-VACE (the embedded default), pretrained by the ``pretrain`` stage.
 
-    Chosen for a 2-core CPU (README "The tiny backbone"): a VAE with light compression (2x spatial, 1x temporal,
-    so it can learn to reconstruct in minutes) and a 4x4 transformer patch, so a 9x64x96 clip is 9x8x12 = 864
-    tokens; ~2.5 M parameters in all (under 10 MB on disk).
+    Chosen for a 2-core CPU (README "The tiny backbone"): a VAE with 2x spatial, 1x temporal compression to 6
+    channels and a 4x4 transformer patch, so a 9x64x96 clip is 9x8x12 = 864 tokens; ~2.2 M parameters in all
+    (under 10 MB on disk). A token carries ``vae_z_dim * prod(patch_size)`` latent values (here 96), which must
+    stay below the width
+    (heads x head_dim, here 128): ``proj_out`` maps the width to those values, so with more of them the predicted
+    velocity spans only part of each token's latent space and flow-matching sampling can never remove the initial
+    noise outside it (the old 16-channel VAE + 4x4 patch had 256 values on width 128: half of every latent stayed
+    noise).
     """
 
     num_layers: int = 4
@@ -62,8 +68,10 @@ class TinyBackbone(Section):
     freq_dim: int = 64
     #: Transformer patch (t, h, w) over the latent.
     patch_size: list[int] = Field(default_factory=lambda: [1, 4, 4])
-    #: AutoencoderKLWan base channels (z_dim stays 16: the transformer's in/out channels).
+    #: AutoencoderKLWan base channels.
     vae_base_dim: int = 8
+    #: Latent channels (Wan: 16): the transformer's in/out channels.
+    vae_z_dim: int = 6
     #: One entry per VAE level; ``len - 1`` 2x spatial downsamples (Wan: [1, 2, 4, 4], 8x).
     vae_dim_mult: list[int] = Field(default_factory=lambda: [1, 2])
     #: Which of those downsamples also halve time (Wan: [False, True, True], 4x).
@@ -79,6 +87,14 @@ class TinyBackbone(Section):
             raise ValueError("vae_temporal_downsample needs one entry per downsample (len(vae_dim_mult) - 1)")
         if len(self.patch_size) != 3:
             raise ValueError("patch_size is (t, h, w)")
+        values, width = self.vae_z_dim * math.prod(self.patch_size), self.num_attention_heads * self.attention_head_dim
+        if values >= width:
+            raise ValueError(
+                f"patch_size {self.patch_size} x vae_z_dim {self.vae_z_dim} puts {values} latent values in a token of "
+                f"width {width}: "
+                "the transformer's output could not span them and sampling would leave noise in every latent; "
+                "use a smaller patch or vae_z_dim, or a wider transformer (values < heads x head_dim)"
+            )
         return self
 
     @property
@@ -176,8 +192,8 @@ def _default_profiles() -> dict[str, Profile]:
             train_steps=600,
             gradient_checkpointing=False,
             sample_steps=8,
-            sample_t_guide=2.0,
-            sample_c_guide=0.5,
+            sample_t_guide=1.5,
+            sample_c_guide=0.1,
             clip_variants=2,
             flip_prob=0.5,
             chroma="420",

@@ -57,6 +57,14 @@ def test_frames_and_sizes_validated_with_field_name():
         parse_params({"profiles": {"tiny": {"backbone": "tiny", "frames": 9, "height": 64, "width": 70}}})
 
 
+def test_tiny_patch_must_fit_the_transformer_width():
+    """z x patch latent values per token must stay under the width, or sampling leaves noise in every latent."""
+    with pytest.raises(ParamsError, match=r"model\.tiny.*256 latent values in a token of width 128"):
+        parse_params({"model": {"tiny": {"vae_z_dim": 16}}})
+    wide = {"num_attention_heads": 4, "attention_head_dim": 72, "vae_z_dim": 16}  # 256 < 288
+    assert parse_params({"model": {"tiny": wide}}).model.tiny.vae_z_dim == 16
+
+
 def test_unknown_profile():
     with pytest.raises(ParamsError, match="profile 'nope' is not one of"):
         parse_params({"profile": "nope"})
@@ -149,6 +157,6 @@ def test_one_sampling_schema():
     )
     ev = params.evaluate.sample
     assert (ev.shift, ev.scheduler) == (9.0, "unipc")
-    assert (ev.steps, ev.t_guide, ev.c_guide) == (8, 2.0, 0.5)  # the tiny profile's eval_*
+    assert (ev.steps, ev.t_guide, ev.c_guide) == (8, 1.5, 0.1)  # the tiny profile's eval_*
     again = parse_params(params.model_dump(mode="json"))  # resolved params load back to the same values
     assert again.evaluate.sample == ev

@@ -65,16 +65,17 @@ def test_encode_clip_shapes_and_context(tiny_backbone: Path) -> None:
     src, style = _clip(0)
     out = encode_clip(pipe, src, style, "sepia style. a scene")
     c, f, h, w = tiny_latent_geometry(TinyBackbone(), T, H, W)
-    assert out["target"].shape == (16, f, h, w)
-    assert out["source"].shape == (16, f, h, w)
+    z = TinyBackbone().vae_z_dim
+    assert out["target"].shape == (z, f, h, w)
+    assert out["source"].shape == (z, f, h, w)
     assert out["context"].shape == (c, f, h, w)
     assert out["prompt_embeds"].shape == (32, 32)  # [max_text_tokens, text_dim]
-    assert torch.equal(out["context"][16:32], out["source"])  # reactive = normalised VAE(video)
-    assert torch.all(out["context"][32:] == 1)  # mask = ones
+    assert torch.equal(out["context"][z : 2 * z], out["source"])  # reactive = normalised VAE(video)
+    assert torch.all(out["context"][2 * z :] == 1)  # mask = ones
     assert not torch.allclose(out["target"], out["source"])  # style differs from source
     # the inactive half is VAE(zeros): independent of the video
     other = encode_clip(pipe, *_clip(1), "sepia style. a scene")
-    assert torch.equal(other["context"][:16], out["context"][:16])
+    assert torch.equal(other["context"][:z], out["context"][:z])
     assert torch.equal(other["prompt_embeds"], out["prompt_embeds"])
     anime, _ = pipe.encode_prompt(
         "anime style. a scene", do_classifier_free_guidance=False, max_sequence_length=32
@@ -103,8 +104,8 @@ def test_encode_clip_matches_the_pipelines_own_context(tiny_backbone: Path) -> N
             [Image.fromarray(f) for f in style], None, None, 1, H, W, T, torch.float32, "cpu"
         )
         z = retrieve_latents(pipe.vae.encode(style_video), None, sample_mode="argmax")
-    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, 16, 1, 1, 1)
-    std = torch.tensor(pipe.vae.config.latents_std).view(1, 16, 1, 1, 1)
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
     torch.testing.assert_close(out["context"], ref[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["target"], ((z - mean) / std)[0], atol=1e-4, rtol=1e-4)
 

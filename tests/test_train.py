@@ -32,6 +32,7 @@ from tests.procs import run_group
 ROOT = Path(__file__).resolve().parents[1]
 #: Latent geometry of the tiny profile (9 frames at 64x96) and its context channels; text 32 tokens x 32.
 C, F, H, W = tiny_latent_geometry(TinyBackbone(), 9, 64, 96)
+Z = TinyBackbone().vae_z_dim  # latent channels
 L, D = 32, 32
 
 
@@ -80,9 +81,9 @@ def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0,
     for i in range(n + recon):
         kind = "reconstruct" if i >= n else "pair"
         tensors = {
-            "target": torch.randn(16, F, H, W, generator=g),
+            "target": torch.randn(Z, F, H, W, generator=g),
             "context": torch.randn(C, F, H, W, generator=g),
-            "source": torch.randn(16, F, H, W, generator=g),
+            "source": torch.randn(Z, F, H, W, generator=g),
             "prompt_embeds": torch.cat([torch.randn(L // 2, D, generator=g), torch.zeros(L - L // 2, D)]),
         }
         caption = ("reconstruct. a video" if kind == "reconstruct" else "anime style. a scene") + f" {i}"
@@ -221,7 +222,7 @@ def test_only_lora_params_require_grad(workdir):
     assert paper_trainable and all(".vace_blocks." in f".{n}" and ".attn1.to_" in n for n in paper_trainable)
     assert {p.dtype for n, p in transformer.named_parameters() if n in trainable} == {torch.float32}
     # One training step: gradients reach the adapter and nothing else.
-    x = torch.randn(1, 16, F, H, W)
+    x = torch.randn(1, Z, F, H, W)
     pred = transformer(
         hidden_states=x,
         timestep=torch.tensor([500.0]),
@@ -242,7 +243,7 @@ def test_caption_dropout_swaps_in_the_null_text(workdir):
     transformer, _ = build_trainable(_params(root, models), "cpu", "cached")
     g = torch.Generator().manual_seed(0)
     batch = {
-        "latents": torch.randn(1, 16, F, H, W, generator=g),
+        "latents": torch.randn(1, Z, F, H, W, generator=g),
         "context": torch.randn(1, C, F, H, W, generator=g),
         "prompt_embeds": torch.randn(1, L, D, generator=g),
         "keys": ["clip0"],

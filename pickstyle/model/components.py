@@ -2,7 +2,7 @@
 
 Every later stage loads the backbone the same way (:func:`load_pipeline` on a diffusers folder), so the tiny
 profile exercises exactly the code path of the real 1.3B/14B weights. The tiny folder has the real classes at small
-sizes (:func:`init_tiny_pipeline`): transformer, VAE (z_dim 16, lighter compression than Wan's), UMT5 encoder, an
+sizes (:func:`init_tiny_pipeline`): transformer, VAE (fewer latent channels, lighter compression than Wan's), UMT5 encoder, an
 in-process tokenizer and Wan's flow-matching UniPC scheduler; :mod:`pickstyle.pretrain` trains it from scratch.
 """
 
@@ -118,8 +118,8 @@ def tiny_transformer_config(tiny: TinyBackbone) -> dict[str, Any]:
         "patch_size": tuple(tiny.patch_size),
         "num_attention_heads": tiny.num_attention_heads,
         "attention_head_dim": tiny.attention_head_dim,
-        "in_channels": 16,
-        "out_channels": 16,
+        "in_channels": tiny.vae_z_dim,
+        "out_channels": tiny.vae_z_dim,
         "text_dim": tiny.text_dim,
         "freq_dim": tiny.freq_dim,
         "ffn_dim": tiny.ffn_dim,
@@ -129,8 +129,8 @@ def tiny_transformer_config(tiny: TinyBackbone) -> dict[str, Any]:
         "eps": 1e-6,
         "rope_max_seq_len": 1024,
         "vace_layers": list(tiny.vace_layers),
-        # inactive + reactive latents (16 + 16) + the mask folded to (VAE spatial factor)^2 channels (Wan: 64)
-        "vace_in_channels": 32 + tiny.vae_scale_spatial**2,
+        # inactive + reactive latents (z + z) + the mask folded to (VAE spatial factor)^2 channels (Wan: 16+16+64)
+        "vace_in_channels": 2 * tiny.vae_z_dim + tiny.vae_scale_spatial**2,
     }
 
 
@@ -139,14 +139,17 @@ def tiny_latent_geometry(
 ) -> tuple[int, int, int, int]:
     """``(context channels, latent frames, latent height, latent width)`` of a clip on the tiny backbone."""
     s, t = tiny.vae_scale_spatial, tiny.vae_scale_temporal
-    return 32 + s * s, (frames - 1) // t + 1, height // s, width // s
+    return 2 * tiny.vae_z_dim + s * s, (frames - 1) // t + 1, height // s, width // s
 
 
 def tiny_vae_config(tiny: TinyBackbone) -> dict[str, Any]:
-    """``AutoencoderKLWan`` kwargs of the tiny profile: z_dim 16 as Wan, lighter compression (see TinyBackbone)."""
+    """``AutoencoderKLWan`` kwargs of the tiny profile: fewer latent channels and lighter compression than Wan's
+    (see TinyBackbone); the latent statistics start neutral and are measured (:func:`calibrate_vae`)."""
     return {
         "base_dim": tiny.vae_base_dim,
-        "z_dim": 16,
+        "z_dim": tiny.vae_z_dim,
+        "latents_mean": [0.0] * tiny.vae_z_dim,
+        "latents_std": [1.0] * tiny.vae_z_dim,
         "dim_mult": list(tiny.vae_dim_mult),
         "num_res_blocks": 1,
         "temperal_downsample": list(tiny.vae_temporal_downsample),
@@ -224,7 +227,7 @@ def _scheduler():
 
 
 def calibrate_vae(vae, videos: torch.Tensor) -> None:
-    """Set the VAE's ``latents_mean``/``latents_std`` (16 entries each) to its own latent statistics on ``videos``.
+    """Set the VAE's ``latents_mean``/``latents_std`` (one entry per latent channel) to its own latent statistics on ``videos``.
 
     Wan's published statistics belong to Wan's VAE; any other VAE needs its own, or the normalised latents the
     transformer sees are not unit-scale.

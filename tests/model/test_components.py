@@ -54,10 +54,10 @@ def test_tiny_backbone_loads_with_from_pretrained(tiny_backbone: Path) -> None:
     assert (cfg.num_layers, list(cfg.vace_layers), cfg.in_channels, cfg.vace_in_channels) == (
         tiny.num_layers,
         tiny.vace_layers,
-        16,
-        32 + tiny.vae_scale_spatial**2,  # inactive + reactive latents + the folded mask
+        tiny.vae_z_dim,
+        2 * tiny.vae_z_dim + tiny.vae_scale_spatial**2,  # inactive + reactive latents + the folded mask
     )
-    assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == 16
+    assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == tiny.vae_z_dim
     assert (
         pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.use_flow_sigmas
     )
@@ -65,7 +65,7 @@ def test_tiny_backbone_loads_with_from_pretrained(tiny_backbone: Path) -> None:
     with torch.no_grad():
         z = pipe.vae.encode(video).latent_dist.mode()
     f = (9 - 1) // tiny.vae_scale_temporal + 1
-    assert tuple(z.shape) == (1, 16, f, 64 // tiny.vae_scale_spatial, 96 // tiny.vae_scale_spatial)
+    assert tuple(z.shape) == (1, tiny.vae_z_dim, f, 64 // tiny.vae_scale_spatial, 96 // tiny.vae_scale_spatial)
 
 
 def test_load_pipeline_runs_a_short_sample(tiny_backbone: Path) -> None:
