@@ -178,7 +178,7 @@ def bench_training(setup: Setup, model, latents_fhw: tuple[int, int, int], offlo
     cfg = setup.transformer
     batch = {
         "keys": ["bench"],
-        "latents": torch.randn(1, 16, f, h, w),
+        "latents": torch.randn(1, cfg["in_channels"], f, h, w),
         "context": torch.randn(1, cfg["vace_in_channels"], f, h, w),
         "prompt_embeds": torch.randn(1, setup.text_len, cfg["text_dim"]),
     }

@@ -87,7 +87,10 @@ class TinyBackbone(Section):
             raise ValueError("vae_temporal_downsample needs one entry per downsample (len(vae_dim_mult) - 1)")
         if len(self.patch_size) != 3:
             raise ValueError("patch_size is (t, h, w)")
-        values, width = self.vae_z_dim * math.prod(self.patch_size), self.num_attention_heads * self.attention_head_dim
+        values, width = (
+            self.vae_z_dim * math.prod(self.patch_size),
+            self.num_attention_heads * self.attention_head_dim,
+        )
         if values >= width:
             raise ValueError(
                 f"patch_size {self.patch_size} x vae_z_dim {self.vae_z_dim} puts {values} latent values in a token of "

@@ -128,9 +128,9 @@ def encode_clip(
     style, _, _ = pipe.preprocess_conditions(
         _pil_frames(style_frames, "style"), None, None, 1, height, width, num_frames, torch.float32, device
     )
-    both = latent_space.encode(pipe.vae, torch.cat([video, style]))  # [2, 16, f, h, w] fp32
+    both = latent_space.encode(pipe.vae, torch.cat([video, style]))  # [2, z, f, h, w] fp32
     reactive, target = both[:1], both[1:]
-    inactive = latent_space.zeros_latent(pipe.vae, tuple(video.shape), device)  # [1, 16, f, h, w] fp32
+    inactive = latent_space.zeros_latent(pipe.vae, tuple(video.shape), device)  # [1, z, f, h, w] fp32
     vae_dtype = pipe.vae.dtype
     masks = pipe.prepare_masks(mask, refs, None)  # [1, 64, f, h, w]
     # [1, 96, f, h, w]; the latents pass through the VAE's dtype first, as the pipeline's context does

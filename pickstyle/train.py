@@ -86,7 +86,7 @@ def draw_noise(
     keys: list[str], shape: tuple[int, ...], shift: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """σ (shifted uniform, :func:`~pickstyle.flow_matching.sample_sigmas`) and ε ~ N(0, I) for a batch of
-    ``shape`` ``[b, 16, f, h, w]``, from the run's generator (restored on resume, so a resumed run is exact).
+    ``shape`` ``[b, z, f, h, w]``, from the run's generator (restored on resume, so a resumed run is exact).
     ``keys`` name the batch's clips; the tests replace this function to fix the noise per clip."""
     del keys
     sigmas = sample_sigmas(shape[0], shift, generator)  # [b]

@@ -197,7 +197,7 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         )
     return {
         "keys": [s.get("__key__", "") for s in samples],
-        "latents": torch.stack([s["target"] for s in samples]),  # [b, 16, f, h, w]
+        "latents": torch.stack([s["target"] for s in samples]),  # [b, z, f, h, w]
         "context": torch.stack([s["context"] for s in samples]),  # [b, 96, f, h, w]
         "prompt_embeds": torch.stack(prompts),  # [b, L, D]
     }

@@ -237,7 +237,7 @@ def calibrate_vae(vae, videos: torch.Tensor) -> None:
         videos: ``[b, 3, f, h, w]`` in [-1, 1].
     """
     with torch.no_grad():
-        z = vae.encode(videos.to(vae.dtype)).latent_dist.mode().float()  # [b, 16, f', h', w']
+        z = vae.encode(videos.to(vae.dtype)).latent_dist.mode().float()  # [b, z, f', h', w']
     mean = [round(float(v), 5) for v in z.mean(dim=(0, 2, 3, 4))]
     std = [round(max(float(v), 1e-3), 5) for v in z.std(dim=(0, 2, 3, 4))]
     vae.register_to_config(latents_mean=mean, latents_std=std)

@@ -22,7 +22,7 @@ def _stats(vae: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalise(vae: Any, z: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents ``[b, 16, f, h, w]`` -> the transformer's space (fp32): ``(z - mean) / std``."""
+    """Raw VAE latents ``[b, z, f, h, w]`` -> the transformer's space (fp32): ``(z - mean) / std``."""
     mean, std = _stats(vae, z.device)
     return (z.float() - mean) * (1.0 / std)
 

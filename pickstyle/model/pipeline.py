@@ -130,7 +130,7 @@ class PickStylePipeline(WanVACEPipeline):
             conditioning_scale: VACE hint scale (per layer or one float).
             apg_momentum, apg_norm_threshold: APG settings of ``cs_cfg_apg``.
             generator: draws the initial noise and then, every step, the null-context permutation.
-            latents: initial noise ``[1, 16, f, h, w]`` (default: drawn from ``generator``).
+            latents: initial noise ``[1, z, f, h, w]`` (default: drawn from ``generator``).
             prompt_embeds, negative_prompt_embeds: precomputed text embeddings.
             output_type: ``np`` (float frames in [0, 1]), ``pil``, ``pt`` or ``latent``.
             return_dict: return a ``WanPipelineOutput`` (else a tuple).
@@ -280,7 +280,7 @@ class PickStylePipeline(WanVACEPipeline):
             window: int,
             cache: StepCache | None,
         ) -> torch.Tensor:
-            """The guided noise prediction of one window at step ``t`` (``[1, 16, f, h, w]``, float32)."""
+            """The guided noise prediction of one window at step ``t`` (``[1, z, f, h, w]``, float32)."""
             computed = guiders[window].computed(step)
             # A fresh null context every step, drawn from the pipeline's generator (reproducible).
             contexts = {"c": ctx, "t": ctx}
@@ -315,7 +315,7 @@ class PickStylePipeline(WanVACEPipeline):
                 if len(windows) == 1:
                     noise_pred = guided(latents, context, t, step, 0, cache)
                 else:
-                    noise_pred = torch.zeros_like(latents)  # [1, 16, f, h, w]
+                    noise_pred = torch.zeros_like(latents)  # [1, z, f, h, w]
                     weight = latents.new_zeros(num_latent_frames)
                     for i, (start, end) in enumerate(windows):
                         tent = window_weights(end - start).to(latents)

@@ -65,7 +65,13 @@ def test_tiny_backbone_loads_with_from_pretrained(tiny_backbone: Path) -> None:
     with torch.no_grad():
         z = pipe.vae.encode(video).latent_dist.mode()
     f = (9 - 1) // tiny.vae_scale_temporal + 1
-    assert tuple(z.shape) == (1, tiny.vae_z_dim, f, 64 // tiny.vae_scale_spatial, 96 // tiny.vae_scale_spatial)
+    assert tuple(z.shape) == (
+        1,
+        tiny.vae_z_dim,
+        f,
+        64 // tiny.vae_scale_spatial,
+        96 // tiny.vae_scale_spatial,
+    )
 
 
 def test_load_pipeline_runs_a_short_sample(tiny_backbone: Path) -> None:
