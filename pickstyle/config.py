@@ -52,11 +52,10 @@ class TinyBackbone(Section):
     Chosen for a 2-core CPU (README "The tiny backbone"): a VAE with 2x spatial, 1x temporal compression to 6
     channels and a 4x4 transformer patch, so a 9x64x96 clip is 9x8x12 = 864 tokens; ~2.2 M parameters in all
     (under 10 MB on disk). A token carries ``vae_z_dim * prod(patch_size)`` latent values (here 96), which must
-    stay below the width
-    (heads x head_dim, here 128): ``proj_out`` maps the width to those values, so with more of them the predicted
-    velocity spans only part of each token's latent space and flow-matching sampling can never remove the initial
-    noise outside it (the old 16-channel VAE + 4x4 patch had 256 values on width 128: half of every latent stayed
-    noise).
+    stay below the width (heads x head_dim, here 128): ``proj_out`` maps the width to those values, so with more
+    of them the predicted velocity spans only part of each token's latent space and flow-matching sampling can
+    never remove the initial noise outside it (the old 16-channel VAE + 4x4 patch had 256 values on width 128:
+    half of every latent stayed noise).
     """
 
     num_layers: int = 4
@@ -87,16 +86,13 @@ class TinyBackbone(Section):
             raise ValueError("vae_temporal_downsample needs one entry per downsample (len(vae_dim_mult) - 1)")
         if len(self.patch_size) != 3:
             raise ValueError("patch_size is (t, h, w)")
-        values, width = (
-            self.vae_z_dim * math.prod(self.patch_size),
-            self.num_attention_heads * self.attention_head_dim,
-        )
+        values = self.vae_z_dim * math.prod(self.patch_size)
+        width = self.num_attention_heads * self.attention_head_dim
         if values >= width:
             raise ValueError(
-                f"patch_size {self.patch_size} x vae_z_dim {self.vae_z_dim} puts {values} latent values in a token of "
-                f"width {width}: "
-                "the transformer's output could not span them and sampling would leave noise in every latent; "
-                "use a smaller patch or vae_z_dim, or a wider transformer (values < heads x head_dim)"
+                f"patch_size {self.patch_size} x vae_z_dim {self.vae_z_dim} puts {values} latent values in a token "
+                f"of width {width}: the transformer's output could not span them and sampling would leave noise in "
+                "every latent; use a smaller patch or vae_z_dim, or a wider transformer (values < heads x head_dim)"
             )
         return self
 

@@ -2,8 +2,9 @@
 
 Every later stage loads the backbone the same way (:func:`load_pipeline` on a diffusers folder), so the tiny
 profile exercises exactly the code path of the real 1.3B/14B weights. The tiny folder has the real classes at small
-sizes (:func:`init_tiny_pipeline`): transformer, VAE (fewer latent channels, lighter compression than Wan's), UMT5 encoder, an
-in-process tokenizer and Wan's flow-matching UniPC scheduler; :mod:`pickstyle.pretrain` trains it from scratch.
+sizes (:func:`init_tiny_pipeline`): transformer, VAE (fewer latent channels, lighter compression than Wan's), UMT5
+encoder, an in-process tokenizer and Wan's flow-matching UniPC scheduler; :mod:`pickstyle.pretrain` trains it from
+scratch.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def _scheduler():
 
 
 def calibrate_vae(vae, videos: torch.Tensor) -> None:
-    """Set the VAE's ``latents_mean``/``latents_std`` (one entry per latent channel) to its own latent statistics on ``videos``.
+    """Set the VAE's ``latents_mean``/``latents_std`` (one entry per latent channel) to its own latent statistics
+    on ``videos``.
 
     Wan's published statistics belong to Wan's VAE; any other VAE needs its own, or the normalised latents the
     transformer sees are not unit-scale.

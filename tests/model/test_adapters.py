@@ -22,12 +22,13 @@ from pickstyle.model.adapters import (
 from pickstyle.model.components import load_pipeline, tiny_latent_geometry
 
 C, F, H, W = tiny_latent_geometry(TinyBackbone(), 9, 64, 96)
+Z = TinyBackbone().vae_z_dim  # latent channels
 
 
 def _inputs() -> dict:
     g = torch.Generator().manual_seed(0)
     return {
-        "hidden_states": torch.randn(1, TinyBackbone().vae_z_dim, F, H, W, generator=g),  # [b, c, f, h, w]
+        "hidden_states": torch.randn(1, Z, F, H, W, generator=g),  # [b, c, f, h, w]
         "control_hidden_states": torch.randn(1, C, F, H, W, generator=g),
         "encoder_hidden_states": torch.randn(1, 32, 32, generator=g),  # [b, L, text_dim]
         "timestep": torch.tensor([500]),

@@ -13,6 +13,7 @@ from pickstyle.model.pipeline import PickStylePipeline
 
 HEIGHT, WIDTH = 32, 48
 C, F, LH, LW = tiny_latent_geometry(TinyBackbone(), 5, HEIGHT, WIDTH)
+Z = TinyBackbone().vae_z_dim  # latent channels
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,7 +32,7 @@ def video() -> np.ndarray:
 def _inputs(transformer, batch: int = 1, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
-        "hidden_states": torch.randn(batch, TinyBackbone().vae_z_dim, F, LH, LW, generator=g),
+        "hidden_states": torch.randn(batch, Z, F, LH, LW, generator=g),
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, 8, transformer.config.text_dim, generator=g),
         "control_hidden_states": torch.randn(batch, C, F, LH, LW, generator=g),
