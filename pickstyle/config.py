@@ -119,10 +119,10 @@ class Profile(Section):
     """What a profile fixes: the backbone kind and the clip geometry, plus the defaults that depend on the backbone.
 
     The defaults are the paper's (LoRA r = alpha = 128 on the VACE blocks' self-attention q/k/v, 3000 steps,
-    gradient checkpointing, 20 sampling steps at t_g = 5, c_g = 4); the tiny profile overrides them in
-    ``params.yaml``. A ``null`` in the matching stage key (``train.steps``, ``train.gradient_checkpointing``,
-    ``train.lora_targets``, ``sample.{steps,t_guide,c_guide}``) takes the profile's value, for ``pickstyle
-    stylize``, the served model and the evaluation alike.
+    AdamW lr 5.6e-4 under the bell weighting at shift 5, gradient checkpointing, 20 sampling steps at t_g = 5,
+    c_g = 4); the tiny profile overrides them in ``params.yaml``. A ``null`` in the matching stage key
+    (``train.{steps,lr,lr_schedule,shift,weighting,gradient_checkpointing,lora_targets}``, ``sample.{steps,t_guide,
+    c_guide}``) takes the profile's value, for ``pickstyle stylize``, the served model and the evaluation alike.
     """
 
     backbone: Literal["tiny", "wan-1.3b", "wan-14b"]
@@ -139,6 +139,16 @@ class Profile(Section):
     lora_targets: str = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
     #: Optimizer steps of ``train`` when ``train.steps`` is null (paper: 3000).
     train_steps: int = Field(default=3000, ge=1)
+    #: AdamW learning rate, timestep shift and loss weighting of ``train`` where those keys are null (paper:
+    #: 5.6e-4, shift 5, the mid-schedule bell). A bell is 0 at σ = 1, where sampling starts and a style is decided
+    #: (the colours of a sepia clip come from the context alone there): the tiny profile weights every σ alike.
+    train_lr: float = Field(default=5.6e-4, gt=0)
+    train_shift: float = Field(default=5.0, gt=0)
+    train_weighting: Literal["bell", "none"] = "bell"
+    #: Learning-rate schedule of ``train`` where ``train.lr_schedule`` is null: ``constant`` after the warm-up (the
+    #: reference) or ``cosine`` decay to a tenth (the tiny profile: a batch of one clip at one σ leaves a constant-lr
+    #: adapter wherever its last steps pushed it, ±0.5 dB between neighbouring step counts).
+    train_lr_schedule: Literal["constant", "cosine"] = "constant"
     #: Gradient checkpointing (main and VACE blocks) when ``train.gradient_checkpointing`` is null: at 81x480x832
     #: the 1.3B keeps ~105 GiB of activations without it, ~15-20 GiB with it (docs/method.md §4).
     gradient_checkpointing: bool = True
@@ -188,7 +198,11 @@ def _default_profiles() -> dict[str, Profile]:
             lora_rank=32,
             lora_alpha=32.0,
             lora_targets=TINY_LORA_TARGETS,
-            train_steps=600,
+            train_steps=1500,
+            train_lr=1e-3,
+            train_shift=12.0,
+            train_weighting="none",
+            train_lr_schedule="cosine",
             gradient_checkpointing=False,
             sample_steps=8,
             sample_t_guide=1.5,
@@ -375,21 +389,27 @@ class Latents(Section):
 class Train(Section):
     """The ``train`` stage: one explicit flow-matching loop over cached latents."""
 
-    #: Optimizer steps; null = the profile's ``train_steps`` (tiny 600, real 3000).
+    #: Optimizer steps; null = the profile's ``train_steps`` (tiny 1500, real 3000).
     steps: int | None = Field(default=None, ge=1)
     #: Clips per process per micro-batch.
     batch_size: int = 1
     #: Micro-batches whose gradients are summed per optimizer step: the effective batch is
     #: ``batch_size x grad_accum x processes`` (the paper's 32 on one GPU: grad_accum 32).
     grad_accum: int = Field(default=1, ge=1)
-    lr: float = 5.6e-4
+    #: AdamW learning rate; null = the profile's ``train_lr`` (tiny 1e-3, real the paper's 5.6e-4).
+    lr: float | None = Field(default=None, gt=0)
+    #: ``constant`` after the warm-up or ``cosine`` decay to a tenth at ``steps``; null = the profile's
+    #: ``train_lr_schedule`` (tiny cosine, real the reference's constant).
+    lr_schedule: Literal["constant", "cosine"] | None = None
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    #: Flow-matching timestep shift (paper: 5).
-    shift: float = 5.0
-    #: Loss weighting over timesteps: ``bell`` (mid-schedule peak, as the reference) or ``none``.
-    weighting: Literal["bell", "none"] = "bell"
+    #: Flow-matching timestep shift of the σ draws; null = the profile's ``train_shift`` (tiny 12, real the
+    #: paper's 5).
+    shift: float | None = Field(default=None, gt=0)
+    #: Loss weighting over timesteps: ``bell`` (mid-schedule peak, as the reference) or ``none``; null = the
+    #: profile's ``train_weighting`` (tiny none, real bell).
+    weighting: Literal["bell", "none"] | None = None
     #: LoRA rank/alpha; null = the profile's default.
     lora_rank: int | None = None
     lora_alpha: float | None = None
@@ -499,6 +519,14 @@ class Params(Section):
         profile = self.profiles[self.profile]
         if self.train.steps is None:
             self.train.steps = profile.train_steps
+        if self.train.lr is None:
+            self.train.lr = profile.train_lr
+        if self.train.shift is None:
+            self.train.shift = profile.train_shift
+        if self.train.weighting is None:
+            self.train.weighting = profile.train_weighting
+        if self.train.lr_schedule is None:
+            self.train.lr_schedule = profile.train_lr_schedule
         if self.train.gradient_checkpointing is None:
             self.train.gradient_checkpointing = profile.gradient_checkpointing
         if self.clips.variants is None:

@@ -13,7 +13,7 @@ def warmup_constant(step: int, warmup_steps: int) -> float:
 
 
 def warmup_cosine(step: int, warmup_steps: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to ``floor`` of the peak at ``total`` steps (pretraining from scratch)."""
+    """Linear warm-up, then cosine decay to ``floor`` of the peak at ``total`` steps (pretraining, tiny adapters)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     tau = (step - warmup_steps) / max(1, total - warmup_steps)

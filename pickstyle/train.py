@@ -68,7 +68,7 @@ from pickstyle.model.adapters import save_adapter
 from pickstyle.model.components import ensure_backbone, resolve_dtype
 from pickstyle.model.trainable import build_trainable, lora_config, parameter_or_buffer
 from pickstyle.progress import progress
-from pickstyle.schedules import warmup_constant
+from pickstyle.schedules import warmup_constant, warmup_cosine
 from pickstyle.tracking import train_run
 
 #: Summary keys that vary from run to run (timings, the MLflow run id): returned and logged, never written.
@@ -297,7 +297,11 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         # accelerate swaps the optimizer's parameters for the sharded ones by data_ptr, which is 0 for every meta
         # parameter of an empty model: point it at the sharded trainable parameters (same order, no state yet).
         optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, t.warmup_steps))
+    if t.lr_schedule == "cosine":
+        factor = functools.partial(warmup_cosine, warmup_steps=t.warmup_steps, total=t.steps)
+    else:
+        factor = functools.partial(warmup_constant, warmup_steps=t.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     position = (
         restore_training_state(ckpt, optimizer=optimizer, scheduler=scheduler, generator=generator, rank=rank)
         if ckpt

@@ -79,6 +79,28 @@ def test_overrides_and_lora_defaults(tmp_path):
     assert load_params(p).lora_rank == 32
 
 
+def test_training_defaults_are_the_profiles():
+    """Null train.lr/lr_schedule/shift/weighting take the profile's: the paper's on the real profiles, the tiny
+    profile's measured ones (README: Two commands)."""
+    tiny, real = parse_params({}).train, parse_params({"profile": "wan-1.3b"}).train
+    assert (tiny.lr, tiny.lr_schedule, tiny.shift, tiny.weighting, tiny.steps) == (
+        1e-3,
+        "cosine",
+        12.0,
+        "none",
+        1500,
+    )
+    assert (real.lr, real.lr_schedule, real.shift, real.weighting, real.steps) == (
+        5.6e-4,
+        "constant",
+        5.0,
+        "bell",
+        3000,
+    )
+    mine = parse_params({"profile": "wan-1.3b", "train": {"shift": 3.0, "lr_schedule": "cosine"}}).train
+    assert (mine.shift, mine.lr_schedule, mine.weighting) == (3.0, "cosine", "bell")
+
+
 def test_bad_yaml(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("train: [unclosed\n")

@@ -336,6 +336,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir):
     assert not (models / "adapter" / "train_summary.json").exists()
 
 
+def test_lr_schedule_is_the_profiles(workdir):
+    """The tiny profile decays the lr (cosine to a tenth at the last step); ``constant`` keeps it after warm-up."""
+    root, models = workdir
+    _random_latents(root / "data", n=3, shard_size=3)
+    lrs = {}
+    for schedule in ("cosine", "constant"):
+        tr.train(_params(root, models, steps=12, log_every=1, lr_schedule=schedule))
+        with open(models / "adapter" / "loss.csv") as f:
+            lrs[schedule] = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert lrs["constant"][2:] == [pytest.approx(1e-3)] * 10
+    cosine = lrs["cosine"][2:]
+    assert cosine[0] == pytest.approx(1e-3) and all(
+        a > b for a, b in zip(cosine[:-1], cosine[1:], strict=True)
+    )
+    assert 1e-4 < cosine[-1] < 1.5e-4
+
+
 def test_outputs_and_mlflow_run(workdir):
     import mlflow
 
