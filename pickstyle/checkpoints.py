@@ -39,7 +39,8 @@ def checkpoint_dir(params: Params) -> Path:
     return Path(params.paths.models) / ".checkpoints" / "adapter"
 
 
-#: Train fields that do not change the adapter a step produces: a checkpoint made under other values resumes.
+#: Train fields that do not change the adapter a step produces: a checkpoint made under other values resumes
+#: (``steps`` only under a constant lr: a cosine schedule depends on it).
 _BOOKKEEPING = {
     "steps",
     "log_every",
@@ -54,8 +55,10 @@ _BOOKKEEPING = {
 def run_key(params: Params, shards: list[Path], lora: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Everything that decides the adapter; a checkpoint resumes only under an equal key."""
     t = params.train.model_dump(mode="json")
+    # A cosine schedule decays to its last step: more steps is another schedule, not a continuation.
+    bookkeeping = _BOOKKEEPING - {"steps"} if t["lr_schedule"] == "cosine" else _BOOKKEEPING
     return {
-        "train": {k: v for k, v in sorted(t.items()) if k not in _BOOKKEEPING},
+        "train": {k: v for k, v in sorted(t.items()) if k not in bookkeeping},
         "lora": lora,
         "seed": params.seed,
         "world_size": world_size,

@@ -305,13 +305,18 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
 def test_checkpoint_of_other_settings_is_not_resumed(workdir, capsys):
     root, models = workdir
     _random_latents(root / "data", n=4, shard_size=2)
-    kw = {"steps": 4, "checkpoint_every": 2, "keep_checkpoints": 1}
+    kw = {"steps": 4, "checkpoint_every": 2, "keep_checkpoints": 1, "lr_schedule": "constant"}
     with _threads(1):
         tr.train(_params(root, models, **kw))
         capsys.readouterr()
-        # more steps and other bookkeeping resume...
+        # more steps and other bookkeeping resume under a constant lr...
         more = tr.train(_params(root, models, **{**kw, "steps": 6, "log_every": 3}))
         assert more["start_step"] == 4 and "resuming from" in capsys.readouterr().out
+        # ...not under a cosine decay, which ends at its last step
+        tr.train(_params(root, models, **{**kw, "lr_schedule": "cosine"}))
+        capsys.readouterr()
+        longer = tr.train(_params(root, models, **{**kw, "lr_schedule": "cosine", "steps": 6}))
+        assert longer["start_step"] == 0 and "train.steps: 4 -> 6" in capsys.readouterr().out
         # ...another learning rate does not, and the log says why
         other = tr.train(_params(root, models, **{**kw, "lr": 5e-4}))
         assert other["start_step"] == 0
