@@ -147,7 +147,7 @@ class Profile(Section):
     train_weighting: Literal["bell", "none"] = "bell"
     #: Learning-rate schedule of ``train`` where ``train.lr_schedule`` is null: ``constant`` after the warm-up (the
     #: reference) or ``cosine`` decay to a tenth (the tiny profile: a batch of one clip at one σ leaves a constant-lr
-    #: adapter wherever its last steps pushed it, ±0.5 dB between neighbouring step counts).
+    #: adapter wherever its last steps pushed it, ±0.3 dB between neighbouring step counts).
     train_lr_schedule: Literal["constant", "cosine"] = "constant"
     #: Gradient checkpointing (main and VACE blocks) when ``train.gradient_checkpointing`` is null: at 81x480x832
     #: the 1.3B keeps ~105 GiB of activations without it, ~15-20 GiB with it (docs/method.md §4).
@@ -517,34 +517,24 @@ class Params(Section):
         # Keys left null take the active profile's default, resolved once here so every stage reads plain values
         # (and MLflow/DVC see the value that ran, not "null").
         profile = self.profiles[self.profile]
-        if self.train.steps is None:
-            self.train.steps = profile.train_steps
-        if self.train.lr is None:
-            self.train.lr = profile.train_lr
-        if self.train.shift is None:
-            self.train.shift = profile.train_shift
-        if self.train.weighting is None:
-            self.train.weighting = profile.train_weighting
-        if self.train.lr_schedule is None:
-            self.train.lr_schedule = profile.train_lr_schedule
-        if self.train.gradient_checkpointing is None:
-            self.train.gradient_checkpointing = profile.gradient_checkpointing
-        if self.clips.variants is None:
-            self.clips.variants = profile.clip_variants
-        if self.clips.flip_prob is None:
-            self.clips.flip_prob = profile.flip_prob
-        if self.clips.chroma is None:
-            self.clips.chroma = profile.chroma
-        if self.train.lora_targets is None:
-            self.train.lora_targets = profile.lora_targets
-        profile_values = {
-            "steps": profile.sample_steps,
-            "t_guide": profile.sample_t_guide,
-            "c_guide": profile.sample_c_guide,
+        defaults = {  # (section, key): the profile's field
+            ("train", "steps"): "train_steps",
+            ("train", "lr"): "train_lr",
+            ("train", "lr_schedule"): "train_lr_schedule",
+            ("train", "shift"): "train_shift",
+            ("train", "weighting"): "train_weighting",
+            ("train", "gradient_checkpointing"): "gradient_checkpointing",
+            ("train", "lora_targets"): "lora_targets",
+            ("clips", "variants"): "clip_variants",
+            ("clips", "flip_prob"): "flip_prob",
+            ("clips", "chroma"): "chroma",
+            ("sample", "steps"): "sample_steps",
+            ("sample", "t_guide"): "sample_t_guide",
+            ("sample", "c_guide"): "sample_c_guide",
         }
-        for name, value in profile_values.items():
-            if getattr(self.sample, name) is None:
-                setattr(self.sample, name, value)
+        for (section, key), field in defaults.items():
+            if getattr(getattr(self, section), key) is None:
+                setattr(getattr(self, section), key, getattr(profile, field))
         own = self.evaluate.sample.model_dump(exclude_none=True)
         resolved = Sample.model_validate({**self.sample.model_dump(), **own})
         self.evaluate.sample = EvalSample.model_validate(resolved.model_dump())
