@@ -48,7 +48,7 @@ demo: $(STAMP) ## run the whole pipeline on the embedded default: dvc repro (tin
 		|| echo "note: outputs differ from the committed dvc.lock (see git diff dvc.lock)"
 
 test: browser $(STAMP) ## run the whole test suite, as CI does
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The web demo's browser test drives Debian's chromium (playwright, executable_path): installed here when missing.
 # Without root (or sudo) it warns, and only that test skips, saying why; under CI it fails instead.
