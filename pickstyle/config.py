@@ -432,6 +432,10 @@ class Train(Section):
     recon_ratio: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
+    #: Training clips of the fit probe: the same clips and noise at σ 1, 0.9, 0.6 scored every ``fit_every``
+    #: steps, and once with the backbone alone (``loss.png``'s second panel; 0 = off; cached mode only).
+    fit_clips: int = Field(default=8, ge=0)
+    fit_every: int = Field(default=100, ge=1)
     device: str = "auto"
     #: MLflow experiment for training runs.
     experiment: str = "pickstyle-train"

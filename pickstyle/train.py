@@ -73,6 +73,8 @@ from pickstyle.tracking import train_run
 
 #: Summary keys that vary from run to run (timings, the MLflow run id): returned and logged, never written.
 VOLATILE = ("samples_per_s", "seconds", "mlflow_run_id", "device")
+#: Noise levels of the fit probe (:class:`_FitProbe`): where sampling decides a clip's colours and style.
+FIT_SIGMAS = (1.0, 0.9, 0.6)
 
 
 class TrainingError(PickstyleError):
@@ -116,8 +118,9 @@ def _encode_on_the_fly(pipe, raw: dict[str, Any], params: Params) -> dict[str, t
 # --- outputs -----------------------------------------------------------------------------------------------------
 
 
-def _write_loss_outputs(history: list[dict[str, float]], out: Path) -> None:
-    """``loss.csv`` (DVC plots: x=step, y=loss) and ``loss.png`` (raw loss and its 20-step moving average)."""
+def _write_loss_outputs(history: list[dict[str, float]], out: Path, fit_base: float | None = None) -> None:
+    """``loss.csv`` (DVC plots: x=step, y=loss; ``fit_loss`` where the probe ran) and ``loss.png``: the raw loss,
+    its 20-step moving average and, on a second panel, the fit probe against the backbone alone (``fit_base``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,12 +128,24 @@ def _write_loss_outputs(history: list[dict[str, float]], out: Path) -> None:
 
     with atomic_path(out / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
         # no timings: the same params give the same file (and DVC hash) on any machine
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "fit_loss"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     steps = [h["step"] for h in history]
     losses = [h["loss"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fit = [(h["step"], h["fit_loss"]) for h in history if "fit_loss" in h]
+    if fit:
+        fig, (ax, fax) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+        fax.plot([s for s, _ in fit], [v for _, v in fit], marker="o", ms=3, label="adapter")
+        if fit_base is not None:
+            fax.axhline(fit_base, color="grey", ls="--", label="backbone alone")
+        fax.set_xlabel("step")
+        fax.set_ylabel(f"fixed-noise loss, σ ∈ {{{', '.join(map(str, FIT_SIGMAS))}}}")
+        fax.set_title("fit probe (the same training clips and noise)", fontsize=9)
+        fax.grid(alpha=0.3)
+        fax.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     if len(losses) >= 20:
         avg = np.convolve(losses, np.ones(20) / 20, mode="valid")
@@ -144,6 +159,67 @@ def _write_loss_outputs(history: list[dict[str, float]], out: Path) -> None:
     with atomic_path(out / "loss.png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+@dataclass
+class _FitProbe:
+    """``train.fit_clips`` training clips with fixed noise at :data:`FIT_SIGMAS`: a deterministic loss curve.
+
+    The training loss is one clip at one random σ per step, noise far larger than what the adapter changes; the
+    probe scores the same clips with the same noise every ``train.fit_every`` steps (and the backbone alone once,
+    the curve's reference), so the curve shows whether the adapter is learning its pairs at all.
+    """
+
+    batches: list[dict[str, Any]]
+    noises: list[list[torch.Tensor]]
+    base: float | None = None
+
+    @classmethod
+    def draw(cls, shards: list[Path], params: Params) -> _FitProbe | None:
+        if params.train.fit_clips == 0:
+            return None
+        # Its own stream and generator: the training draws (and so a resumed run's bits) stay as they are.
+        stream = MixedStream(shards, seed=params.seed + 1, rank=0, world_size=1, recon_ratio=0.0)
+        generator = torch.Generator().manual_seed(params.seed + 1)
+        batches = [collate([decode_latents(next(stream))]) for _ in range(params.train.fit_clips)]
+        noises = [[torch.randn(b["latents"].shape, generator=generator) for _ in FIT_SIGMAS] for b in batches]
+        return cls(batches, noises)
+
+    def loss(self, run: _Run, device: torch.device, adapter: bool = True) -> float:
+        """Mean flow-matching loss over the probe's clips and noise levels (no gradients)."""
+        model = run.model
+        inner = getattr(model, "module", model)  # DDP: the wrapped model, whose adapters can be switched off
+        was_training = model.training
+        model.eval()
+        if not adapter:
+            inner.disable_adapters()
+        losses = []
+        try:
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    device.type, dtype=run.compute_dtype, enabled=run.compute_dtype != torch.float32
+                ),
+            ):
+                for batch, noises in zip(self.batches, self.noises, strict=True):
+                    latents = batch["latents"].to(device, torch.float32)
+                    for sigma, noise in zip(FIT_SIGMAS, noises, strict=True):
+                        sigmas = torch.full((latents.shape[0],), sigma, device=device)
+                        noise = noise.to(device)
+                        pred = model(
+                            hidden_states=add_noise(latents, noise, sigmas),
+                            timestep=sigmas * NUM_TRAIN_TIMESTEPS,
+                            encoder_hidden_states=batch["prompt_embeds"].to(device, torch.float32),
+                            control_hidden_states=batch["context"].to(device, torch.float32),
+                            control_hidden_states_scale=run.scale,
+                            return_dict=False,
+                        )[0]
+                        losses.append(flow_matching_loss(pred, latents, noise).item())
+        finally:
+            if not adapter:
+                inner.enable_adapters()
+            model.train(was_training)
+        return float(np.mean(losses))
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -169,6 +245,8 @@ class _Run:
     mlflow_run_id: str | None = None
     #: The null text's embedding ``[L, D]`` that ``train.caption_dropout`` swaps in (None: no dropout).
     null_prompt: torch.Tensor | None = None
+    #: The fixed-noise fit probe (None with ``train.fit_clips: 0``).
+    fit: _FitProbe | None = None
 
 
 def train(
@@ -200,6 +278,8 @@ def train(
     accelerator = Accelerator(cpu=resolve_device(t.device) == "cpu")
     main = accelerator.is_main_process
     run = _setup(params, accelerator, fresh)
+    if run.fit is not None:
+        run.fit.base = run.fit.loss(run, accelerator.device, adapter=False)
     pbar = progress(total=t.steps, initial=run.start_step, disable=not main, desc="train", unit="step")
     with train_run(params, run.mlflow_run_id, enabled=main and t.mlflow) as run_id, contextlib.closing(pbar):
         seconds, samples, window, step, grad_norm = 0.0, 0, [], run.start_step, None
@@ -210,6 +290,10 @@ def train(
             seconds, samples = seconds + took, samples + n
             run.history.append({"step": step, "loss": loss, "lr": lr, "samples_per_s": round(n / took, 3)})
             window.append(loss)
+            if run.fit is not None and (step % t.fit_every == 0 or step == t.steps):
+                run.history[-1]["fit_loss"] = run.fit.loss(run, accelerator.device)
+                if run_id is not None:
+                    mlflow.log_metric("fit_loss", run.history[-1]["fit_loss"], step=step)
             pbar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 pbar.set_postfix(loss=f"{np.mean(window):.4f}", samples_s=f"{samples / seconds:.2f}")
@@ -349,6 +433,7 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         history=list(state.get("history", [])),
         mlflow_run_id=state.get("mlflow_run_id"),
         null_prompt=null,
+        fit=_FitProbe.draw(shards, params) if t.mode == "cached" else None,
     )
 
 
@@ -451,6 +536,9 @@ def _summary(
         "final_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None,
         # the last step's gradient norm before clipping (None with grad_clip 0)
         "grad_norm": grad_norm,
+        # the fixed-noise probe (_FitProbe): the backbone alone, and the adapter at its last check
+        "fit_loss_base": run.fit.base if run.fit is not None else None,
+        "fit_loss_final": next((h["fit_loss"] for h in reversed(history) if "fit_loss" in h), None),
         "samples_per_s": samples / seconds if seconds else None,
         "seconds": seconds,
         "adapter_dir": str(Path(params.paths.models) / "adapter"),
@@ -527,7 +615,7 @@ def _write_final(
     shutil.rmtree(staging, ignore_errors=True)
     extra = {"steps": summary["steps"], "final_loss": summary["final_loss"], "mode": summary["mode"]}
     save_adapter(transformer, staging, extra_metadata=extra, state_dict=lora)
-    _write_loss_outputs(history, staging)
+    _write_loss_outputs(history, staging, summary.get("fit_loss_base"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_summary.json").unlink(missing_ok=True)
     for f in sorted(staging.iterdir()):
