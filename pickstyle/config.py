@@ -321,8 +321,8 @@ class Pretrain(Section):
     #: crops at any zoom: ``pickstyle/data/textures.py``); the rest are built-in photo clips and scenes.
     vae_texture_share: float = Field(default=0.3, ge=0, le=1)
     #: Clips in the transformer's latent set (each rendered once with its own motion, crop, task and style).
-    clips: int = Field(default=1200, ge=8)
-    steps: int = Field(default=4000, ge=0)
+    clips: int = Field(default=2000, ge=8)
+    steps: int = Field(default=9000, ge=0)
     batch_size: int = Field(default=2, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=100, ge=0)

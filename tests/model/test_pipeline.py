@@ -173,7 +173,7 @@ def test_rejects_wrong_size_and_skip(pipe, video):
 # (Re-recorded for the backbone pretrained 9,000 steps.)
 _RECORDED = {"sha256": "5bb89c43f7a695c3", "mean": -0.21557678282260895, "abs_mean": 3.707850933074951}
 #: Where the bits were recorded: torch build and CPU model (``/proc/cpuinfo``).
-_RECORDING_BUILD = ("2.13.0+cpu", "AMD EPYC")
+_RECORDING_BUILD = ("2.13.0+cpu", "Intel(R) Xeon(R) Processor")
 
 
 def _build() -> tuple[str, str]:
@@ -250,8 +250,11 @@ def test_guidance_reuse_computes_the_extra_predictions_every_k_steps(pipe, video
         assert batches == [3, 2, 3, 2]
     finally:
         handle.remove()
+    # an approximation: different from the exact run, and closer to it than its own size (RMS ratio measured 0.73
+    # and 0.72 on the committed backbone at the pipeline's default t_g 5 / c_g 4; reused directions at 2 of 4 steps)
+    rms = lambda a: float(np.sqrt(np.mean(np.square(a))))  # noqa: E731
     for fast in (every2, context):
-        assert np.isfinite(fast).all() and 0 < np.abs(fast - exact).max() < np.abs(exact).max()
+        assert np.isfinite(fast).all() and 0 < rms(fast - exact) < 0.9 * rms(exact)
     # no guidance (t_g = 1, c_g = 0) leaves only ε_c, whatever is reused
     plain = run(pipe, video, guidance="none", num_inference_steps=4)
     unguided = run(
