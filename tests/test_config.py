@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,18 @@ def test_one_sampling_schema():
     assert (ev.steps, ev.t_guide, ev.c_guide) == (8, 1.5, 0.1)  # the tiny profile's eval_*
     again = parse_params(params.model_dump(mode="json"))  # resolved params load back to the same values
     assert again.evaluate.sample == ev
+
+
+def test_shipped_params_survive_dvc_exp_run_set(tmp_path):
+    """``dvc exp run -S`` (and the retrain-style flow) rewrites params.yaml through DVC's YAML round trip, which
+    drops the regexes' quotes: inside a ``{...}`` mapping that no longer parses. Twice, as two experiments would."""
+    from dvc.utils.hydra import apply_overrides
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", ["++train.steps=600", "++pairs.styles=['sepia']"])
+    apply_overrides(tmp_path / "params.yaml", ["++train.lr=3e-4"])
+    changed = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert changed["train"]["steps"] == 600 and changed["pairs"]["styles"] == ["sepia"]
+    assert changed["profiles"] == shipped["profiles"]
+    parse_params(changed)
