@@ -41,6 +41,5 @@ def test_adapter_learns_the_style_the_backbone_never_saw(metrics: dict[str, floa
 
 def test_backbone_reconstructs_and_follows_its_context(metrics: dict[str, float]) -> None:
     assert metrics["vae/source_psnr"] >= 25.0  # measured 25.26
-    assert (
-        metrics["reconstruct/source_psnr"] >= 23.0
-    )  # measured 24.06 (the backbone pretrained 4,000 steps: 19.37)
+    # measured 24.06 (the backbone pretrained 4,000 steps: 19.37)
+    assert metrics["reconstruct/source_psnr"] >= 23.0
