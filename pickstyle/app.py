@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from pickstyle.config import Params, Sample, error_lines
 from pickstyle.data.video import VideoError, read_video, write_video
 from pickstyle.errors import PickstyleError
-from pickstyle.model.adapters import WEIGHT_NAME
+from pickstyle.model.adapters import STYLES_NAME, WEIGHT_NAME, AdapterError, AdapterSet
 from pickstyle.register import load_registered
 from pickstyle.stylize import oriented_size, read_fitted, stylize_file
 from pickstyle.tracking import tracking_uri
@@ -152,9 +152,11 @@ def registered_choices(params: Params) -> list[str]:
 
 
 def adapter_choices(params: Params) -> list[str]:
-    """Adapter folders (holding ``pytorch_lora_weights.safetensors``) directly under ``paths.models``."""
+    """Adapter folders directly under ``paths.models``: one adapter (``pytorch_lora_weights.safetensors``) or one
+    per style (``pickstyle_styles.json``)."""
     models = Path(params.paths.models)
-    return [str(p.parent) for p in sorted(models.glob(f"*/{WEIGHT_NAME}"))]
+    found = {p.parent for name in (WEIGHT_NAME, STYLES_NAME) for p in models.glob(f"*/{name}")}
+    return [str(p) for p in sorted(found)]
 
 
 def model_choices(params: Params) -> list[tuple[str, str]]:
@@ -187,8 +189,10 @@ def resolve_model(
     folder = Path(choice).expanduser()
     if not folder.is_dir():
         raise AppError(f"{choice}: no such adapter folder (nor a models:/NAME@ALIAS)")
-    if not (folder / WEIGHT_NAME).is_file():
-        raise AppError(f"{choice}: not an adapter folder (no {WEIGHT_NAME})")
+    try:
+        AdapterSet.open(folder)
+    except AdapterError as err:
+        raise AppError(str(err)) from None
     return str(folder), None
 
 

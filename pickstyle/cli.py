@@ -161,6 +161,7 @@ def cmd_stylize(args: argparse.Namespace) -> None:
         fps=args.fps,
         on_long=args.long,
         preview=args.preview,
+        style=args.style,
     )
     print(out)
     if args.preview:
@@ -272,8 +273,15 @@ def _add_stylize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output .mp4 (written at the source fps)")
     p.add_argument("--prompt", required=True, help='e.g. "anime style. a wolf walking in the snow"')
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--adapter", help="adapter folder (diffusers LoRA format), e.g. models/adapter")
+    src.add_argument(
+        "--adapter",
+        help="adapter folder (diffusers LoRA format, or one adapter per style), e.g. models/adapter",
+    )
     src.add_argument("--model", help="registered model, e.g. models:/pickstyle@champion")
+    p.add_argument(
+        "--style",
+        help="of per-style adapters (the tiny profile's), use this style's (default: the style the prompt names)",
+    )
     add_sample_flags(p)
     p.add_argument("--seed", type=int, default=0, help="noise and null-context seed (default: %(default)s)")
     p.add_argument(

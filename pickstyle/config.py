@@ -165,6 +165,10 @@ class Profile(Section):
     #: Chroma of the near-lossless clips when ``clips.chroma`` is null: ``444`` keeps full colour detail
     #: (the reference trains on RGB frames); ``420`` is smaller.
     chroma: Literal["420", "444"] = "444"
+    #: What ``train`` makes when ``train.adapters`` is null: ``joint``, one adapter for every style, prompted by
+    #: its caption (the paper), or ``per_style``, one adapter per style, picked by the style the prompt names
+    #: (the tiny profile: its backbone learns one style per adapter, not five in one; README: The tiny backbone).
+    adapters: Literal["joint", "per_style"] = "joint"
 
     @field_validator("frames")
     @classmethod
@@ -198,18 +202,19 @@ def _default_profiles() -> dict[str, Profile]:
             lora_rank=32,
             lora_alpha=32.0,
             lora_targets=TINY_LORA_TARGETS,
-            train_steps=1500,
+            train_steps=300,
             train_lr=1e-3,
             train_shift=12.0,
             train_weighting="none",
             train_lr_schedule="cosine",
             gradient_checkpointing=False,
             sample_steps=8,
-            sample_t_guide=1.5,
-            sample_c_guide=0.1,
+            sample_t_guide=1.0,
+            sample_c_guide=0.0,
             clip_variants=2,
             flip_prob=0.5,
             chroma="420",
+            adapters="per_style",
         ),
         "wan-1.3b": Profile(backbone="wan-1.3b", frames=81, height=480, width=832, fps=16),
         "wan-14b": Profile(backbone="wan-14b", frames=81, height=480, width=832, fps=16),
@@ -389,7 +394,11 @@ class Latents(Section):
 class Train(Section):
     """The ``train`` stage: one explicit flow-matching loop over cached latents."""
 
-    #: Optimizer steps; null = the profile's ``train_steps`` (tiny 1500, real 3000).
+    #: ``joint`` (one adapter for every style, the paper) or ``per_style`` (one adapter per style of the
+    #: training data, each on that style's clips alone, in ``<models>/adapter/<style>/``); null = the profile's
+    #: (tiny per_style, real joint).
+    adapters: Literal["joint", "per_style"] | None = None
+    #: Optimizer steps (of each adapter, with ``adapters: per_style``); null = the profile's ``train_steps``.
     steps: int | None = Field(default=None, ge=1)
     #: Clips per process per micro-batch.
     batch_size: int = 1
@@ -522,6 +531,7 @@ class Params(Section):
         # (and MLflow/DVC see the value that ran, not "null").
         profile = self.profiles[self.profile]
         defaults = {  # (section, key): the profile's field
+            ("train", "adapters"): "adapters",
             ("train", "steps"): "train_steps",
             ("train", "lr"): "train_lr",
             ("train", "lr_schedule"): "train_lr_schedule",

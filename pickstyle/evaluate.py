@@ -6,6 +6,7 @@ metric's mean over clips and its standard error), per-clip tables, figures and a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -36,7 +37,7 @@ from pickstyle.metrics import (
     structure_ssim,
     warp_error_per_frame,
 )
-from pickstyle.model.adapters import WEIGHT_NAME, adapter_sha256, load_adapter
+from pickstyle.model.adapters import AdapterError, AdapterSet
 from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, missing_files
 from pickstyle.model.pipeline import PickStylePipeline
 from pickstyle.stylize import stylize_frames
@@ -100,8 +101,8 @@ def variant_sample(sample: Sample, variant: str) -> Sample:
     raise EvaluationError(f"unknown variant {variant!r}")
 
 
-def _load_pipeline(params: Params, device: str) -> tuple[Any, str]:
-    """The backbone + the trained adapter, loaded once; returns (pipeline, adapter name)."""
+def _load_pipeline(params: Params, device: str) -> tuple[Any, AdapterSet]:
+    """The backbone + the trained adapter(s), loaded once; returns (pipeline, its adapters)."""
 
     adapter_dir = Path(params.paths.models) / "adapter"
     if not adapter_dir.is_dir():
@@ -112,25 +113,34 @@ def _load_pipeline(params: Params, device: str) -> tuple[Any, str]:
     if missing_files(backbone):
         backbone = ensure_backbone(params)
     pipe = load_pipeline(backbone, device=device, dtype=params.model.dtype, pipeline_cls=PickStylePipeline)
-    name = load_adapter(pipe, adapter_dir, scale=params.evaluate.sample.adapter_scale)
-    return pipe, name
+    try:
+        adapters = AdapterSet.open(adapter_dir).load(pipe, scale=params.evaluate.sample.adapter_scale)
+    except AdapterError as err:
+        raise EvaluationError(f"{err} (run the train stage first)") from None
+    return pipe, adapters
 
 
 def _stylize(
-    model: tuple[Any, str] | None, variant: str, clip: dict[str, Any], sample: Sample, seed: int
+    model: tuple[Any, AdapterSet] | None, variant: str, clip: dict[str, Any], sample: Sample, seed: int
 ) -> np.ndarray:
-    """One variant's output for one clip; the variants share the pipeline and toggle the adapter's scale."""
+    """One variant's output for one clip; the variants share the pipeline and toggle the adapter's scale (of
+    per-style adapters, the clip's style's)."""
 
     src = clip["src"]
     if variant == "identity":
         return src
     assert model is not None
-    pipe, adapter_name = model
+    pipe, adapters = model
     if variant == "vae":
         return vae_roundtrip(pipe, src)
     vs = variant_sample(sample, variant)
-    pipe.set_adapters([adapter_name], [vs.adapter_scale])  # 0 for ``base``: the LoRA adds exactly nothing
     prompt = clip["meta"].get("caption", "")
+    style = clip["meta"].get("style") if adapters.per_style else None
+    try:
+        # scale 0 for ``base``: the LoRA adds exactly nothing
+        adapters.activate(pipe, prompt, vs.adapter_scale, style=style or None)
+    except AdapterError as err:
+        raise EvaluationError(f"test clip {clip['key']}: {err}") from None
     if variant == "reconstruct":
         prompt = "reconstruct. " + prompt.split("style. ", 1)[-1]
     out = np.asarray(stylize_frames(pipe, src, prompt, vs, seed, height=src.shape[1], width=src.shape[2]))
@@ -397,8 +407,8 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> st
     experiment_id = tracking.ensure_experiment(params, params.evaluate.experiment)
     adapter_dir = Path(params.paths.models) / "adapter"
     tags = tracking.provenance_tags(params)
-    if (adapter_dir / WEIGHT_NAME).is_file():
-        tags["adapter_sha256"] = adapter_sha256(adapter_dir)
+    with contextlib.suppress(AdapterError):
+        tags["adapter_sha256"] = AdapterSet.open(adapter_dir).sha256()
     with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate", tags=tags) as run:
         sample = params.evaluate.sample.model_dump(mode="json")
         mlflow.log_params({f"sample.{k}": v for k, v in sample.items()})

@@ -28,7 +28,7 @@ import pickstyle
 from pickstyle.config import Params, parse_params
 from pickstyle.errors import PickstyleError
 from pickstyle.files import write_json
-from pickstyle.model.adapters import WEIGHT_NAME, adapter_sha256
+from pickstyle.model.adapters import STYLES_NAME, WEIGHT_NAME, AdapterError, AdapterSet, adapter_sha256
 from pickstyle.model.components import backbone_fingerprint, backbone_path, ensure_backbone, missing_files
 from pickstyle.serving import input_example, model_signature
 from pickstyle.tracking import ensure_experiment, provenance_tags, tracking_uri, use_tracking
@@ -44,16 +44,22 @@ class RegistryError(PickstyleError):
 
 
 def stage_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Copy the files that define an adapter (:data:`ADAPTER_FILES`) into ``out_dir``."""
+    """Copy the files that define an adapter (:data:`ADAPTER_FILES`) into ``out_dir``; of a per-style folder,
+    its index and each style's adapter files, in the same layout."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / ADAPTER_FILES[0]).is_file():
-        raise RegistryError(
-            f"{adapter_dir}: no trained adapter (missing {ADAPTER_FILES[0]}; run the train stage)"
-        )
+    try:
+        adapters = AdapterSet.open(adapter_dir)
+    except AdapterError as err:
+        raise RegistryError(f"no trained adapter: {err} (run the train stage)") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        if (adapter_dir / name).is_file():
-            shutil.copy2(adapter_dir / name, out_dir / name)
+    if adapters.per_style:
+        shutil.copy2(adapter_dir / STYLES_NAME, out_dir / STYLES_NAME)
+    for folder in adapters.folders.values():
+        dest = out_dir / folder.relative_to(adapter_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, dest / name)
     return out_dir
 
 
@@ -150,7 +156,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
     adapter_dir = Path(params.paths.models) / "adapter"
     with tempfile.TemporaryDirectory(prefix="pickstyle-register-") as tmp:
         staged = stage_adapter(adapter_dir, Path(tmp) / "adapter")  # fails before MLflow is touched
-        sha = adapter_sha256(staged)
+        sha = AdapterSet.open(staged).sha256()
         use_tracking(params)
         client = MlflowClient()
         try:

@@ -34,7 +34,7 @@ from pickstyle.config import Params, Sample, error_lines, parse_params
 from pickstyle.data.video import encode_video
 from pickstyle.errors import PickstyleError
 from pickstyle.files import resolve_device
-from pickstyle.model.adapters import load_adapter
+from pickstyle.model.adapters import AdapterSet
 from pickstyle.model.components import backbone_path, load_pipeline
 from pickstyle.model.pipeline import PickStylePipeline
 from pickstyle.stylize import oriented_size, read_fitted, render_fitted
@@ -125,6 +125,7 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
 
         artifacts = context.artifacts
         self.adapter_dir = Path(artifacts["adapter"])
+        self.adapters = AdapterSet.open(self.adapter_dir)  # one adapter, or one per style
         self.params: Params = parse_params(
             json.loads(Path(artifacts["params"]).read_text()), "registered params"
         )
@@ -134,7 +135,9 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
         self.backbone_dir = Path(backbone)
         self._pipe = None
 
-    def _pipeline(self, sample: Sample) -> Any:
+    def _pipeline(self, sample: Sample, prompt: str) -> Any:
+        """The pipeline, loaded on the first call, with the adapter ``prompt`` asks for active (of per-style
+        adapters, the style it names: :meth:`AdapterSet.pick`)."""
         if self._pipe is None:
             self._pipe = load_pipeline(
                 self.backbone_dir,
@@ -142,8 +145,8 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
                 dtype=self.params.model.dtype,
                 pipeline_cls=PickStylePipeline,
             )
-            self._adapter_name = load_adapter(self._pipe, self.adapter_dir, scale=sample.adapter_scale)
-        self._pipe.set_adapters([self._adapter_name], [sample.adapter_scale])
+            self.adapters.load(self._pipe, scale=sample.adapter_scale)
+        self.adapters.activate(self._pipe, prompt, sample.adapter_scale)
         return self._pipe
 
     def predict(
@@ -223,7 +226,7 @@ class PickStyleModel(mlflow.pyfunc.PythonModel):
 
         height, width = oriented_size(video, profile.height, profile.width, "auto")
         fitted, fps, region = read_fitted(video, height, width, "crop", max_frames)
-        pipe = self._pipeline(sample)
+        pipe = self._pipeline(sample, settings["prompt"])
         return render_fitted(
             pipe,
             fitted,

@@ -50,7 +50,7 @@ from pickstyle.data.video import (
 )
 from pickstyle.errors import PickstyleError
 from pickstyle.files import resolve_device
-from pickstyle.model.adapters import load_adapter
+from pickstyle.model.adapters import AdapterError, AdapterSet
 from pickstyle.model.components import ensure_backbone, load_pipeline, offload_text_encoder
 from pickstyle.model.pipeline import PickStylePipeline
 
@@ -228,6 +228,7 @@ def stylize_file(
     orientation: str = "auto",
     fps: float | None = None,
     preview: str | Path | None = None,
+    style: str | None = None,
 ) -> Path:
     """Stylize a video file and write the result as mp4 (see the module docstring for every step).
 
@@ -237,8 +238,9 @@ def stylize_file(
         prompt: the style prompt, e.g. ``"anime style. a wolf walking in the snow"``.
         params: the project params (profile size and clip length, backbone, paths).
         sample: sampling settings (``params.sample`` with CLI overrides).
-        adapter: adapter folder (diffusers LoRA format); ``None`` = the base model. A registered model's adapter
-            and backbone come from :func:`pickstyle.register.load_registered` (the CLI's ``--model``).
+        adapter: adapter folder (diffusers LoRA format), or a folder of per-style adapters (the tiny profile's
+            ``models/adapter``: the prompt's style picks one); ``None`` = the base model. A registered model's
+            adapter and backbone come from :func:`pickstyle.register.load_registered` (the CLI's ``--model``).
         backbone: backbone folder (default: the params' backbone, built if missing for the tiny profile).
         side_by_side: write source | result.
         fit: ``crop`` (resize to cover + centre crop) or ``pad`` (letterbox, cut off again afterwards).
@@ -249,6 +251,7 @@ def stylize_file(
         fps: output frame rate (default: the source's). The model always sees the profile's fps (the motion
             per frame it was trained on); the output keeps the source's duration.
         preview: also write this PNG: four frames of the source above the same frames of the result.
+        style: of per-style adapters, use this style's (default: the style the prompt names).
 
     Returns:
         ``output`` as a Path.
@@ -290,6 +293,15 @@ def stylize_file(
     adapter_dir = Path(adapter) if adapter is not None else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise StylizeError(f"{adapter_dir}: adapter folder not found")
+    adapters = None
+    if adapter_dir is not None:
+        try:  # before the backbone loads: a prompt naming no style of the folder fails at once
+            adapters = AdapterSet.open(adapter_dir)
+            chosen = adapters.pick(prompt, style)
+        except AdapterError as err:
+            raise StylizeError(str(err)) from None
+        if adapters.per_style:
+            logger.info("%s: the %r adapter", adapter_dir, chosen)
     pipe = load_pipeline(
         Path(backbone) if backbone is not None else ensure_backbone(params),
         device=resolve_device(sample.device),
@@ -301,8 +313,8 @@ def stylize_file(
     base = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
     if height % base or width % base:
         raise StylizeError(f"profile size {height}x{width}: this backbone needs multiples of {base}")
-    if adapter_dir is not None:
-        load_adapter(pipe, adapter_dir, scale=sample.adapter_scale)
+    if adapters is not None:
+        adapters.load(pipe, scale=sample.adapter_scale).activate(pipe, prompt, sample.adapter_scale, style)
 
     return render_fitted(
         pipe,

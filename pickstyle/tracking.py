@@ -155,11 +155,14 @@ def style_of(params: Params) -> str:
     return params.pairs.source
 
 
-def run_name(stage: str, params: Params) -> str:
+def run_name(stage: str, params: Params, style: str | None = None) -> str:
     """``<stage>-<style>-<experiment>``: the DVC experiment (``DVC_EXP_NAME``), or ``workspace`` outside one.
 
-    Many styles at once read ``<n>-styles`` (the full list is the run's ``style`` parameter).
+    Many styles at once read ``<n>-styles`` (the full list is the run's ``style`` parameter). ``style`` names
+    the one style of a per-style adapter's run.
     """
+    if style is not None:
+        return f"{stage}-{style}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
     style = style_of(params)
     if len(style) > 40 and not os.environ.get(STYLE_ENV):
         style = f"{len(params.pairs.styles)}-styles"
@@ -197,10 +200,13 @@ def flat_params(params: Params) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def train_run(params: Params, run_id: str | None, enabled: bool = True) -> Iterator[str | None]:
+def train_run(
+    params: Params, run_id: str | None, enabled: bool = True, style: str | None = None
+) -> Iterator[str | None]:
     """The training run, started (or, when resuming, re-opened), yielding its id (``None`` when not
     ``enabled``: MLflow off, or not the main process). It ends ``FINISHED`` when the block completes and
-    ``FAILED`` when it raises (a kill ends it never; the resumed run re-opens it)."""
+    ``FAILED`` when it raises (a kill ends it never; the resumed run re-opens it). ``style``: the one style of
+    a per-style adapter (its run's name and ``style`` tag)."""
     if not enabled:
         yield None
         return
@@ -212,9 +218,9 @@ def train_run(params: Params, run_id: str | None, enabled: bool = True) -> Itera
         except MlflowException:
             run = None  # the checkpoint came from another tracking store: start a new run
     if run is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name("train", params))
-        mlflow.log_params({**flat_params(params), "style": style_of(params)})
-        mlflow.set_tags({"stage": "train", "style": style_of(params), **provenance_tags(params)})
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name("train", params, style))
+        mlflow.log_params({**flat_params(params), "style": style or style_of(params)})
+        mlflow.set_tags({"stage": "train", "style": style or style_of(params), **provenance_tags(params)})
     try:
         yield run.info.run_id
     except BaseException:

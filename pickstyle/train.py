@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import json
 import math
 import os
 import random
@@ -52,7 +53,7 @@ from pickstyle.checkpoints import (
 )
 from pickstyle.config import Params
 from pickstyle.data.shards import list_shards
-from pickstyle.data.stream import MixedStream, collate, meta_of, motion_report
+from pickstyle.data.stream import MixedStream, collate, meta_of, motion_report, styles_in
 from pickstyle.data.video import read_video
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_path, resolve_device, write_json
@@ -64,7 +65,7 @@ from pickstyle.flow_matching import (
     sample_sigmas,
 )
 from pickstyle.latents import context_constants, decode_latents, encode_clip, null_prompt
-from pickstyle.model.adapters import save_adapter
+from pickstyle.model.adapters import INFO_NAME, STYLES_NAME, WEIGHT_NAME, save_adapter, write_styles_index
 from pickstyle.model.components import ensure_backbone, resolve_dtype
 from pickstyle.model.trainable import build_trainable, lora_config, parameter_or_buffer
 from pickstyle.progress import progress
@@ -175,11 +176,13 @@ class _FitProbe:
     base: float | None = None
 
     @classmethod
-    def draw(cls, shards: list[Path], params: Params) -> _FitProbe | None:
+    def draw(cls, target: _Target, params: Params) -> _FitProbe | None:
         if params.train.fit_clips == 0:
             return None
         # Its own stream and generator: the training draws (and so a resumed run's bits) stay as they are.
-        stream = MixedStream(shards, seed=params.seed + 1, rank=0, world_size=1, recon_ratio=0.0)
+        stream = MixedStream(
+            target.shards, seed=params.seed + 1, rank=0, world_size=1, recon_ratio=0.0, style=target.style
+        )
         generator = torch.Generator().manual_seed(params.seed + 1)
         batches = [collate([decode_latents(next(stream))]) for _ in range(params.train.fit_clips)]
         noises = [[torch.randn(b["latents"].shape, generator=generator) for _ in FIT_SIGMAS] for b in batches]
@@ -206,14 +209,15 @@ class _FitProbe:
                     for sigma, noise in zip(FIT_SIGMAS, noises, strict=True):
                         sigmas = torch.full((latents.shape[0],), sigma, device=device)
                         noise = noise.to(device)
-                        pred = model(
-                            hidden_states=add_noise(latents, noise, sigmas),
-                            timestep=sigmas * NUM_TRAIN_TIMESTEPS,
-                            encoder_hidden_states=batch["prompt_embeds"].to(device, torch.float32),
-                            control_hidden_states=batch["context"].to(device, torch.float32),
-                            control_hidden_states_scale=run.scale,
-                            return_dict=False,
-                        )[0]
+                        pred = _predict(
+                            model,
+                            latents,
+                            noise,
+                            sigmas,
+                            batch["prompt_embeds"].to(device, torch.float32),
+                            batch["context"].to(device, torch.float32),
+                            run.scale,
+                        )
                         losses.append(flow_matching_loss(pred, latents, noise).item())
         finally:
             if not adapter:
@@ -223,6 +227,17 @@ class _FitProbe:
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One adapter a run trains: on the clips of ``style`` (None: every style, the joint adapter) in ``shards``,
+    written to ``out``, checkpointed in ``ckpt_root``."""
+
+    style: str | None
+    out: Path
+    ckpt_root: Path
+    shards: list[Path]
 
 
 @dataclass
@@ -240,6 +255,7 @@ class _Run:
     key: dict[str, Any]
     lora: dict[str, Any]
     lora_params: int
+    target: _Target
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     mlflow_run_id: str | None = None
@@ -252,7 +268,12 @@ class _Run:
 def train(
     params: Params, fresh: bool = False, *, on_step: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
-    """Train the context-style LoRA adapter; writes ``<models>/adapter/`` and an MLflow run.
+    """Train the context-style LoRA adapter(s); writes ``<models>/adapter/`` and an MLflow run per adapter.
+
+    With ``train.adapters: joint`` one adapter learns every style of the data (the paper); with ``per_style``
+    each style of the data gets its own adapter, trained on that style's clips alone for ``train.steps`` steps,
+    in ``<models>/adapter/<style>/`` beside an index (:data:`~pickstyle.model.adapters.STYLES_NAME`) that
+    :class:`~pickstyle.model.adapters.AdapterSet` reads to pick the adapter a prompt names.
 
     Runs as one process or under ``accelerate launch`` / ``torchrun`` (DDP: every process draws its own
     samples, noise and timesteps; gradients are averaged, so all processes hold the same adapter; or FSDP2).
@@ -263,11 +284,12 @@ def train(
             checkpoint in ``<models>/.checkpoints/adapter`` made with the same settings and data (a killed
             ``dvc repro`` picks up where it stopped); one made with other settings is replaced, and the log
             says which settings differ.
-        on_step: Called with the step number after each optimizer step (progress reporting; an exception it
-            raises stops the run the way a kill would, after the last checkpoint).
+        on_step: Called with the step number after each optimizer step, counted over all adapters (progress
+            reporting; an exception it raises stops the run the way a kill would, after the last checkpoint).
 
     Returns:
-        The summary also written to ``train_summary.json``: losses, steps, samples/s, LoRA size, MLflow run id.
+        The summary also written to ``train_summary.json``: losses, steps, samples/s, LoRA size, MLflow run id
+        (per style under ``styles`` with ``per_style``).
 
     Raises:
         TrainingError: A non-finite loss or gradient (the message names the step; the last good checkpoint
@@ -277,11 +299,159 @@ def train(
     _prefer_expandable_segments()
     accelerator = Accelerator(cpu=resolve_device(t.device) == "cpu")
     main = accelerator.is_main_process
-    run = _setup(params, accelerator, fresh)
+    out, data_dir = Path(params.paths.models) / "adapter", Path(params.paths.data)
+    shards = (
+        list_shards(data_dir / "latents", "latents")
+        if t.mode == "cached"
+        else list_shards(data_dir / "clips", "clips")
+    )
+    if t.adapters == "joint":
+        if main:
+            _clear_layout(out, styles=None)
+        return _train_adapter(
+            params, accelerator, fresh, _Target(None, out, checkpoint_dir(params), shards), on_step
+        )
+
+    styles = styles_in(shards)
+    if not styles:
+        raise TrainingError(f"{shards[0].parent}: no pair clip names its style (train.adapters: per_style)")
+    if main:
+        _clear_layout(out, styles=list(styles))
+    accelerator.wait_for_everyone()
+    summaries = {}
+    for i, (style, entry) in enumerate(styles.items()):
+        print(
+            f"train: adapter {i + 1}/{len(styles)}, {style!r} ({len(entry['shards'])} of {len(shards)} shards)"
+        )
+        target = _Target(
+            style, out / style, checkpoint_dir(params).with_name(f"adapter-{style}"), entry["shards"]
+        )
+        hook = None if on_step is None else functools.partial(_offset_step, on_step, i * t.steps)
+        summaries[style] = _train_adapter(params, accelerator, fresh, target, hook)
+    summary = _styles_summary(summaries, out)
+    if main:
+        write_styles_index(out, {style: entry["names"] for style, entry in styles.items()})
+        _write_styles_loss(out, list(styles))
+        write_json(out / "train_summary.json", _stable(summary))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _offset_step(on_step: Callable[[int], None], offset: int, step: int) -> None:
+    on_step(offset + step)
+
+
+def _stable(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary without what varies from run to run (:data:`VOLATILE`), also inside ``styles``."""
+    out = {k: v for k, v in summary.items() if k not in VOLATILE}
+    if "styles" in out:
+        out["styles"] = {s: _stable(v) for s, v in out["styles"].items()}
+    return out
+
+
+def _clear_layout(out: Path, styles: list[str] | None) -> None:
+    """Remove what the other layout (or other styles) left in ``out``: a joint run drops a per-style index and
+    its folders; a per-style run drops a joint adapter's files and the folders of styles no longer trained."""
+    if not out.is_dir():
+        return
+    (out / "train_summary.json").unlink(missing_ok=True)  # present = the adapter(s) in ``out`` are complete
+    (out / STYLES_NAME).unlink(missing_ok=True)
+    for sub in sorted(p for p in out.iterdir() if p.is_dir() and (p / WEIGHT_NAME).is_file()):
+        if styles is None or sub.name not in styles:
+            shutil.rmtree(sub)
+    if styles is not None:
+        for name in (WEIGHT_NAME, INFO_NAME, "loss.csv", "loss.png"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _styles_summary(summaries: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """One summary over the per-style runs: their shared settings, the mean losses, and each run's own."""
+    first = next(iter(summaries.values()))
+    seconds = sum(s["seconds"] for s in summaries.values())
+    samples = sum((s["samples_per_s"] or 0.0) * s["seconds"] for s in summaries.values())
+
+    def mean(key: str) -> float | None:
+        values = [s[key] for s in summaries.values() if s.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    shared = ("steps", "world_size", "batch_size", "grad_accum", "mode", "device", "lora", "lora_params")
+    return {
+        "adapters": "per_style",
+        **{k: first[k] for k in shared},
+        "first_loss": mean("first_loss"),
+        "final_loss": mean("final_loss"),
+        "fit_loss_base": mean("fit_loss_base"),
+        "fit_loss_final": mean("fit_loss_final"),
+        "samples_per_s": samples / seconds if seconds else None,
+        "seconds": seconds,
+        "adapter_dir": str(out),
+        "styles": summaries,
+    }
+
+
+def _write_styles_loss(out: Path, styles: list[str]) -> None:
+    """``loss.png`` of a per-style folder: every style's 20-step mean loss and fit probe, one line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, fax) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+    for i, style in enumerate(styles):
+        with open(out / style / "loss.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        colour = f"C{i}"
+        losses = [float(r["loss"]) for r in rows]
+        if len(losses) >= 20:
+            ax.plot(
+                range(20, len(losses) + 1),
+                np.convolve(losses, np.ones(20) / 20, mode="valid"),
+                color=colour,
+                label=style,
+            )
+        fit = [(int(r["step"]), float(r["fit_loss"])) for r in rows if r.get("fit_loss")]
+        if fit:
+            fax.plot([s for s, _ in fit], [v for _, v in fit], marker="o", ms=3, color=colour, label=style)
+        summary = out / style / "train_summary.json"
+        base = json.loads(summary.read_text()).get("fit_loss_base") if summary.is_file() else None
+        if base is not None:
+            fax.axhline(base, color=colour, ls="--", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted flow-matching loss (20-step mean)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.lines:  # runs shorter than the 20-step window draw no curve
+        ax.legend(fontsize=8)
+    fax.set_xlabel("step")
+    fax.set_ylabel(f"fixed-noise loss, σ ∈ {{{', '.join(map(str, FIT_SIGMAS))}}}")
+    fax.set_title("fit probe per adapter (dashed: the backbone alone)", fontsize=9)
+    fax.grid(alpha=0.3)
+    if fax.lines:
+        fax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _train_adapter(
+    params: Params,
+    accelerator: Accelerator,
+    fresh: bool,
+    target: _Target,
+    on_step: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Train the adapter of ``target`` (the loop of :func:`train`); returns its summary."""
+    t = params.train
+    main = accelerator.is_main_process
+    run = _setup(params, accelerator, fresh, target)
     if run.fit is not None:
         run.fit.base = run.fit.loss(run, accelerator.device, adapter=False)
     pbar = progress(total=t.steps, initial=run.start_step, disable=not main, desc="train", unit="step")
-    with train_run(params, run.mlflow_run_id, enabled=main and t.mlflow) as run_id, contextlib.closing(pbar):
+    with (
+        train_run(params, run.mlflow_run_id, enabled=main and t.mlflow, style=target.style) as run_id,
+        contextlib.closing(pbar),
+    ):
         seconds, samples, window, step, grad_norm = 0.0, 0, [], run.start_step, None
         for step in range(run.start_step + 1, t.steps + 1):
             tic = time.perf_counter()
@@ -314,7 +484,7 @@ def train(
             _write_final(
                 accelerator.unwrap_model(run.model),
                 lora,
-                Path(params.paths.models) / "adapter",
+                target.out,
                 run.history,
                 summary,
                 run_id,
@@ -330,23 +500,20 @@ def _prefer_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
+def _setup(params: Params, accelerator: Accelerator, fresh: bool, target: _Target) -> _Run:
     """Data, model, optimizer and scheduler, resumed from the newest matching checkpoint unless ``fresh``."""
     t = params.train
     device = accelerator.device
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    out, ckpt_root = Path(params.paths.models) / "adapter", checkpoint_dir(params)
+    out, ckpt_root, shards = target.out, target.ckpt_root, target.shards
     data_dir = Path(params.paths.data)
-    shards = (
-        list_shards(data_dir / "latents", "latents")
-        if t.mode == "cached"
-        else list_shards(data_dir / "clips", "clips")
-    )
     if main:
         (out / "train_summary.json").unlink(missing_ok=True)  # present = the adapter in ``out`` is complete
         ensure_backbone(params)
     lora_cfg = lora_config(params)
     key = run_key(params, shards, lora_cfg, world)
+    if target.style is not None:
+        key["style"] = target.style
     ckpt, why = (None, "fresh start requested") if fresh else find_resumable(ckpt_root, key, t.steps)
     if main:
         print(f"train: {why}")
@@ -392,7 +559,13 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         else None
     )
     stream = MixedStream(
-        shards, seed=params.seed, rank=rank, world_size=world, recon_ratio=t.recon_ratio, position=position
+        shards,
+        seed=params.seed,
+        rank=rank,
+        world_size=world,
+        recon_ratio=t.recon_ratio,
+        position=position,
+        style=target.style,
     )
 
     null = None
@@ -429,11 +602,12 @@ def _setup(params: Params, accelerator: Accelerator, fresh: bool) -> _Run:
         key=key,
         lora=lora_cfg,
         lora_params=lora_params,
+        target=target,
         start_step=int(state.get("step", 0)),
         history=list(state.get("history", [])),
         mlflow_run_id=state.get("mlflow_run_id"),
         null_prompt=null,
-        fit=_FitProbe.draw(shards, params) if t.mode == "cached" else None,
+        fit=_FitProbe.draw(target, params) if t.mode == "cached" else None,
     )
 
 
@@ -442,7 +616,7 @@ def _optimizer_step(
 ) -> tuple[float, int, float | None, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, clips, gradient norm, lr)."""
     t = params.train
-    ckpt_root = checkpoint_dir(params)
+    ckpt_root = run.target.ckpt_root
     autocast = run.compute_dtype != torch.float32
     loss_value, samples, grad_norm = 0.0, 0, None
     for micro in range(t.grad_accum):
@@ -488,7 +662,7 @@ def _checkpoint(
     run: _Run, params: Params, accelerator: Accelerator, step: int, loss: float, run_id: str | None
 ) -> None:
     save_checkpoint(
-        checkpoint_dir(params),
+        run.target.ckpt_root,
         step,
         accelerator=accelerator,
         model=run.model,
@@ -522,6 +696,7 @@ def _summary(
 ) -> dict[str, Any]:
     t, history, world = params.train, run.history, accelerator.num_processes
     return {
+        **({"style": run.target.style} if run.target.style is not None else {}),
         "steps": step,
         "start_step": run.start_step,
         "world_size": world,
@@ -541,7 +716,7 @@ def _summary(
         "fit_loss_final": next((h["fit_loss"] for h in reversed(history) if "fit_loss" in h), None),
         "samples_per_s": samples / seconds if seconds else None,
         "seconds": seconds,
-        "adapter_dir": str(Path(params.paths.models) / "adapter"),
+        "adapter_dir": str(run.target.out),
         "mlflow_run_id": run_id,
     }
 
@@ -575,22 +750,35 @@ def _micro_step(
     noise = noise.to(device)
     weights = bell_weights(sigmas, t.shift) if t.weighting == "bell" else torch.ones_like(sigmas)
     sigmas, weights = sigmas.to(device), weights.to(device)
-    noisy = add_noise(latents, noise, sigmas)
     offload = (
         torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
         if t.activation_offload
         else contextlib.nullcontext()
     )
     with offload, torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=autocast):
-        pred = model(
-            hidden_states=noisy,
-            timestep=sigmas * NUM_TRAIN_TIMESTEPS,
-            encoder_hidden_states=prompt_embeds,
-            control_hidden_states=context,
-            control_hidden_states_scale=scale,
-            return_dict=False,
-        )[0]
+        pred = _predict(model, latents, noise, sigmas, prompt_embeds, context, scale)
     return flow_matching_loss(pred, latents, noise, weights)
+
+
+def _predict(
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    context: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The transformer's velocity prediction for ``latents`` noised to ``sigmas`` with ``noise`` (a training
+    step's and the fit probe's forward pass alike)."""
+    return model(
+        hidden_states=add_noise(latents, noise, sigmas),
+        timestep=sigmas * NUM_TRAIN_TIMESTEPS,
+        encoder_hidden_states=prompt_embeds,
+        control_hidden_states=context,
+        control_hidden_states_scale=scale,
+        return_dict=False,
+    )[0]
 
 
 def _write_final(
@@ -623,7 +811,7 @@ def _write_final(
     shutil.rmtree(staging, ignore_errors=True)
     # Timings and the run id stay out of the stage's output (they are in the returned summary and MLflow):
     # the same params and data give a byte-identical folder, so a fresh clone reproduces dvc.lock.
-    write_json(out / "train_summary.json", {k: v for k, v in summary.items() if k not in VOLATILE})
+    write_json(out / "train_summary.json", _stable(summary))
     if run_id is not None:
         for f in sorted(out.iterdir()):
             if f.is_file():

@@ -72,7 +72,7 @@ def small_project(
     return work
 
 
-def random_adapter(backbone: Path, out: Path, rank: int = 4) -> Path:
+def random_adapter(backbone: Path, out: Path, rank: int = 4, seed: int = 0) -> Path:
     """A small adapter with random (non-zero) LoRA weights: it changes the output, as a trained one would."""
     import torch
 
@@ -81,12 +81,22 @@ def random_adapter(backbone: Path, out: Path, rank: int = 4) -> Path:
 
     pipe = load_pipeline(backbone)
     add_context_style_adapter(pipe.transformer, rank=rank, alpha=float(rank))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     save_adapter(pipe, out)
+    return out
+
+
+def random_style_adapters(backbone: Path, out: Path, styles: Sequence[str] = ("anime", "sepia")) -> Path:
+    """A per-style adapter folder (``train.adapters: per_style``'s layout): a different random adapter per style."""
+    from pickstyle.model.adapters import write_styles_index
+
+    for i, style in enumerate(styles):
+        random_adapter(backbone, out / style, seed=i + 1)
+    write_styles_index(out, {style: [style.capitalize()] for style in styles})
     return out
 
 

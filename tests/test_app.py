@@ -176,7 +176,7 @@ def test_resolve_model(project, tmp_path: Path) -> None:
 def test_sampling_defaults_are_the_profiles_and_bad_values_are_named(project) -> None:
     base = project.params.sample
     sample = sample_from(base, {"steps": None, "t_guide": None})
-    assert (sample.steps, sample.t_guide, sample.c_guide) == (8, 1.5, 0.1)  # the tiny profile's
+    assert (sample.steps, sample.t_guide, sample.c_guide) == (8, 1.0, 0.0)  # the tiny profile's
     sample = sample_from(base, {"steps": 2, "guidance": "cfg", "negative_prompt": "  "})
     assert (sample.steps, sample.guidance, sample.negative_prompt) == (2, "cfg", None)
     with pytest.raises(AppError, match=r"^c_guide: must be finite$"):

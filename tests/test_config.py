@@ -89,8 +89,10 @@ def test_training_defaults_are_the_profiles():
         "cosine",
         12.0,
         "none",
-        1500,
+        300,
     )
+    # one adapter per style on the tiny profile (300 steps each), the paper's one for all on the real ones
+    assert (tiny.adapters, parse_params({"profile": "wan-1.3b"}).train.adapters) == ("per_style", "joint")
     assert (real.lr, real.lr_schedule, real.shift, real.weighting, real.steps) == (
         5.6e-4,
         "constant",
@@ -180,7 +182,7 @@ def test_one_sampling_schema():
     )
     ev = params.evaluate.sample
     assert (ev.shift, ev.scheduler) == (9.0, "unipc")
-    assert (ev.steps, ev.t_guide, ev.c_guide) == (8, 1.5, 0.1)  # the tiny profile's eval_*
+    assert (ev.steps, ev.t_guide, ev.c_guide) == (8, 1.0, 0.0)  # the tiny profile's eval_*
     again = parse_params(params.model_dump(mode="json"))  # resolved params load back to the same values
     assert again.evaluate.sample == ev
 

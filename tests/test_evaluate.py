@@ -125,10 +125,10 @@ def test_evaluate_stage_writes_metrics_plots_preview_and_mlflow(
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     save_adapter(pipe, tmp_path / "models" / "adapter")
     _write_test_clips(tmp_path / "data")
-    # max_clips=1 of 2: the VAE dominates the time (~3 s per stylized clip on a busy 2-core CPU)
-    params = parse_params(
-        {"evaluate": {"sample": {"steps": 2}, "max_clips": 1, "clip_model_path": str(tiny_clip)}}
-    )
+    # max_clips=1 of 2: the VAE dominates the time (~3 s per stylized clip on a busy 2-core CPU). Guidance set:
+    # the tiny profile's own (t_g 1, c_g 0) makes cfg and cs_cfg the same prediction.
+    sample = {"steps": 2, "t_guide": 2.0, "c_guide": 0.5}
+    params = parse_params({"evaluate": {"sample": sample, "max_clips": 1, "clip_model_path": str(tiny_clip)}})
 
     summary = ev.evaluate(params)
 
@@ -180,3 +180,36 @@ def test_evaluate_without_test_clips_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(ShardError, match=r"data/testclips: no testclips-\*\.tar shards \(run the stage"):
         ev.evaluate(parse_params({"evaluate": {"variants": ["identity"]}}))
+
+
+def test_evaluate_uses_each_clips_style_adapter(tmp_path, tiny_backbone, monkeypatch):
+    """Per-style adapters: a sepia clip is stylized with the sepia adapter, the same bits as that adapter alone;
+    a clip whose style has no adapter is a clear error."""
+    from pickstyle import tracking
+    from pickstyle.config import parse_params
+    from tests.projects import random_adapter, random_style_adapters
+
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_backbone, tmp_path / "models" / "backbone")
+    _write_test_clips(tmp_path / "data")
+    params = parse_params({"evaluate": {"sample": {"steps": 2}, "max_clips": 1, "variants": ["cs_cfg"]}})
+    adapter = tmp_path / "models" / "adapter"
+
+    def style_psnr() -> float:
+        ev.evaluate(params)
+        return json.loads((tmp_path / "eval" / "metrics.json").read_text())["cs_cfg/style_psnr"]
+
+    random_style_adapters(tiny_backbone, adapter, ("anime", "sepia"))  # sepia: seed 2
+    per_style = style_psnr()
+    shutil.rmtree(adapter)
+    random_adapter(tiny_backbone, adapter, seed=2)
+    assert style_psnr() == per_style  # the sepia adapter, and only it
+    shutil.rmtree(adapter)
+    random_adapter(tiny_backbone, adapter, seed=1)
+    assert style_psnr() != per_style  # (the anime one gives another clip)
+    shutil.rmtree(adapter)
+    random_style_adapters(tiny_backbone, adapter, ("anime", "pixel"))
+    with pytest.raises(ev.EvaluationError, match="no 'sepia' adapter"):
+        ev.evaluate(params)

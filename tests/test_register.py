@@ -200,6 +200,24 @@ def test_register_without_adapter_is_a_clear_error(project) -> None:
         register.register(project)
 
 
+def test_per_style_adapters_register_as_one_model(project, tiny_backbone: Path, tmp_path: Path) -> None:
+    """The tiny profile's per-style folder is one registered model: its index and every style's adapter files
+    (not their checkpoints or plots), the same hash before and after the round trip."""
+    from pickstyle.model.adapters import AdapterSet
+    from tests.projects import random_style_adapters
+
+    folder = random_style_adapters(tiny_backbone, tmp_path / "styles", ("anime", "sepia"))
+    (folder / "sepia" / "loss.png").write_bytes(b"png")
+    _put(project, folder, 20.0)
+    out = register.register(project)
+    info = register.load_registered(f"models:/{MODEL}@champion", project)
+    pulled = AdapterSet.open(info["adapter_dir"])
+    assert pulled.per_style and set(pulled.styles) == {"anime", "sepia"}
+    assert pulled.sha256() == out["adapter_sha256"] == AdapterSet.open(folder).sha256()
+    assert not (Path(info["adapter_dir"]) / "sepia" / "loss.png").exists()
+    assert not (Path(info["adapter_dir"]) / "checkpoints").exists()
+
+
 def test_use_tracking_leaves_the_environment_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 

@@ -27,16 +27,21 @@ def test_committed_metrics_are_the_pipelines() -> None:
 
 
 def test_adapter_beats_the_backbone_alone(metrics: dict[str, float]) -> None:
+    # measured: +1.03 dB (10 test clips, one adapter per style; the tiny profile samples with t_g 1, c_g 0, so
+    # CS-CFG is the adapter's own conditional prediction and equals ``noguide``)
     gain = metrics["cs_cfg/style_psnr"] - metrics["base/style_psnr"]
-    # measured: +0.34 dB with CS-CFG (10 test clips). Without guidance the 5-style adapter is 0.28 dB *below* the
-    # backbone on this backbone (README: the adapters), so that gain is not asserted.
-    assert gain >= 0.34 / 2, gain
+    assert gain >= 1.03 / 2, gain
+    gain = metrics["noguide/style_psnr"] - metrics["base_noguide/style_psnr"]
+    assert gain >= 1.03 / 2, gain  # without guidance too (issue 18)
 
 
 def test_adapter_learns_the_style_the_backbone_never_saw(metrics: dict[str, float]) -> None:
-    # sepia is held out of pretraining: only the adapter can have learned it (measured +0.72 dB)
+    # sepia is held out of pretraining: only the adapter can have learned it (measured +2.51 dB over the base,
+    # +2.39 over the unchanged input)
     gain = metrics["style/sepia/cs_cfg/style_psnr"] - metrics["style/sepia/base/style_psnr"]
-    assert gain >= 0.72 / 2, gain
+    assert gain >= 2.51 / 2, gain
+    gain = metrics["style/sepia/cs_cfg/style_psnr"] - metrics["style/sepia/identity/style_psnr"]
+    assert gain >= 2.39 / 2, gain
 
 
 def test_backbone_reconstructs_and_follows_its_context(metrics: dict[str, float]) -> None:

@@ -20,7 +20,7 @@ import pytest
 from pickstyle import register, tracking
 from pickstyle.config import parse_params
 from tests.procs import free_port
-from tests.projects import random_adapter, without_outside_tracking
+from tests.projects import random_style_adapters, without_outside_tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pickstyle-serve-test"
@@ -28,10 +28,11 @@ MODEL = "pickstyle-serve-test"
 
 @pytest.fixture(scope="module")
 def registered(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A project folder (tiny backbone, one small adapter, eval metrics) registered as ``MODEL`` version 1."""
+    """A project folder (tiny backbone, small per-style adapters as the tiny profile trains, eval metrics)
+    registered as ``MODEL`` version 1."""
     root = tmp_path_factory.mktemp("serve-project")
     shutil.copytree(tiny_backbone, root / "models" / "backbone")
-    random_adapter(tiny_backbone, root / "models" / "adapter")
+    random_style_adapters(tiny_backbone, root / "models" / "adapter", ("anime", "sepia"))
     (root / "eval").mkdir()
     metrics = {"cs_cfg/style_psnr": 20.0, "cs_cfg/style_psnr_se": 0.5, "base/warp_error": 0.01}
     (root / "eval" / "metrics.json").write_text(json.dumps(metrics))
@@ -115,6 +116,10 @@ def test_served_model_equals_the_cli_for_the_same_seed(registered, tmp_path: Pat
         ({"video": "/nowhere/in.mp4", "prompt": "x"}, "/nowhere/in.mp4: no such file"),
         ({"video_b64": "AAAA", "prompt": "x", "c_guide": float("inf")}, "c_guide: must be finite"),
         ({"video_b64": "AAAA", "prompt": "x", "steps": 0}, "steps: must be >= 1"),
+        (
+            {"video_b64": _clip_b64(), "prompt": "Oil style. x"},
+            "row 0: prompt 'Oil style. x' names none of the styles",
+        ),
     ],
 )
 def test_pyfunc_input_errors_are_one_readable_line(registered, row, message) -> None:

@@ -98,6 +98,32 @@ def test_missing_adapter_fails_cleanly(tmp_path, models_dir, capsys):
     assert not out.exists()
 
 
+def test_per_style_adapters_follow_the_prompt(tmp_path, models_dir, tiny_backbone, capsys):
+    """A per-style folder (the tiny profile's ``models/adapter``): the prompt's style, or ``--style``, picks the
+    adapter; a prompt naming none of its styles fails before anything is written."""
+    from tests.projects import random_style_adapters
+
+    adapters = random_style_adapters(tiny_backbone, tmp_path / "adapter", ("anime", "sepia"))
+    src = _clip(tmp_path / "in.mp4", 5, 40, 60, 8)
+    outs = {}
+    for name, extra in {
+        "anime": (),  # PROMPT is "anime style. ..."
+        "anime_alone": ("--adapter", str(adapters / "anime")),
+        "sepia": ("--style", "sepia"),
+    }.items():
+        extra = extra if name == "anime_alone" else ("--adapter", str(adapters), *extra)
+        assert _stylize(src, tmp_path / f"{name}.mp4", models_dir, *extra) == 0
+        outs[name], _ = read_video((tmp_path / f"{name}.mp4").read_bytes())
+    np.testing.assert_array_equal(outs["anime"], outs["anime_alone"])
+    assert not np.array_equal(outs["anime"], outs["sepia"])
+    capsys.readouterr()
+    argv = ["stylize", str(src), "-o", str(tmp_path / "oil.mp4"), "--prompt", "Oil style. a wolf"]
+    assert main([*argv, "--adapter", str(adapters), "-S", f"paths.models={models_dir}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names none of the styles" in err[0] and "anime, sepia" in err[0], err
+    assert not (tmp_path / "oil.mp4").exists()
+
+
 def test_long_clip_in_windows_keeps_fps_and_frame_count(tmp_path, models_dir):
     src = _clip(tmp_path / "in.mov", 12, 40, 60, 12.0)  # > 9 frames: one latent denoised in two windows
     out = tmp_path / "result.mp4"

@@ -24,6 +24,7 @@ from pickstyle.config import Params, TinyBackbone, parse_params
 from pickstyle.data import stream
 from pickstyle.data.shards import list_shards, write_shards
 from pickstyle.latents import save_constants, to_sample
+from pickstyle.model.adapters import AdapterError, AdapterSet
 from pickstyle.model.components import tiny_latent_geometry
 from pickstyle.model.trainable import build_trainable
 from tests.conftest import fixed_noise
@@ -61,6 +62,7 @@ def _kill_after(n: int):
 
 def _params(root: Path, models: Path, **train) -> Params:
     base = {
+        "adapters": "joint",  # the loop's mechanics; test_per_style_adapters covers per_style
         "mlflow": False,
         "checkpoint_every": 0,
         "log_every": 5,
@@ -81,8 +83,11 @@ def _params(root: Path, models: Path, **train) -> Params:
     )
 
 
-def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0, seed: int = 0) -> list[Path]:
-    """Latents shards in the ``latents`` stage's format, with random tensors of the tiny profile's shapes."""
+def _random_latents(
+    data: Path, n: int = 6, shard_size: int = 3, recon: int = 0, seed: int = 0, styles: tuple[str, ...] = ()
+) -> list[Path]:
+    """Latents shards in the ``latents`` stage's format, with random tensors of the tiny profile's shapes; pair
+    ``i`` of ``styles`` (when given) is of style ``styles[i % len(styles)]``."""
     g = torch.Generator().manual_seed(seed)
     samples, constants = [], {}
     for i in range(n + recon):
@@ -93,8 +98,15 @@ def _random_latents(data: Path, n: int = 6, shard_size: int = 3, recon: int = 0,
             "source": torch.randn(Z, F, H, W, generator=g),
             "prompt_embeds": torch.cat([torch.randn(L // 2, D, generator=g), torch.zeros(L - L // 2, D)]),
         }
-        caption = ("reconstruct. a video" if kind == "reconstruct" else "anime style. a scene") + f" {i}"
-        sample, constants = to_sample(f"{kind}_{i:04d}", tensors, {"caption": caption, "kind": kind}, L)
+        meta = {
+            "kind": kind,
+            "caption": "reconstruct. a video" if kind == "reconstruct" else "anime style. a scene",
+        }
+        if styles and kind == "pair":
+            style = styles[i % len(styles)]
+            meta.update(style=style, caption=f"{style.capitalize()} style. a scene")
+        meta["caption"] += f" {i}"
+        sample, constants = to_sample(f"{kind}_{i:04d}", tensors, meta, L)
         samples.append(sample)
     shutil.rmtree(data / "latents", ignore_errors=True)
     save_constants(data / "latents", {**constants, "null_prompt": torch.randn(L, D, generator=g)})
@@ -309,6 +321,84 @@ def test_resume_is_bit_identical(workdir, tmp_path: Path):
     assert [p.name for p in ckpt.list_checkpoints(ckpt.checkpoint_dir(params_b))] == ["step-4", "step-6"]
 
 
+def test_per_style_adapters(workdir, tmp_path: Path, monkeypatch):
+    """``adapters: per_style``: one adapter per style, each trained on its own style's clips alone, an index the
+    prompt picks from, a kill in the second adapter resumed to the same bits; a joint run then clears the layout."""
+    root, models = workdir
+    _random_latents(root / "data", n=8, shard_size=3, styles=("anime", "sepia"))
+    seen: dict[str, list[str]] = {}
+    draw = tr.draw_noise
+
+    def recording(keys, shape, shift, generator):
+        seen.setdefault(current[0], []).extend(keys)
+        return draw(keys, shape, shift, generator)
+
+    current = ["?"]
+    setup = tr._setup
+
+    def tracking_setup(params, accelerator, fresh, target):
+        current[0] = target.style
+        return setup(params, accelerator, fresh, target)
+
+    monkeypatch.setattr(tr, "draw_noise", recording)
+    monkeypatch.setattr(tr, "_setup", tracking_setup)
+    kw = {"adapters": "per_style", "steps": 4, "checkpoint_every": 1, "fit_clips": 2, "fit_every": 2}
+    steps: list[int] = []
+    with _threads(1):
+        summary = tr.train(_params(root, models, **kw), on_step=steps.append)
+        out = models / "adapter"
+        # each adapter saw its own style's pairs only (pairs 0, 2, 4, 6 are anime; 1, 3, 5, 7 sepia)
+        assert {int(k.split("_")[1]) % 2 for k in seen["anime"]} == {0}
+        assert {int(k.split("_")[1]) % 2 for k in seen["sepia"]} == {1}
+        assert steps == list(range(1, 9))  # counted over both adapters
+        assert sorted(summary["styles"]) == ["anime", "sepia"] and summary["adapters"] == "per_style"
+        written = json.loads((out / "train_summary.json").read_text())
+        assert written["styles"]["sepia"]["style"] == "sepia" and "seconds" not in written["styles"]["sepia"]
+        assert not (out / "pytorch_lora_weights.safetensors").exists() and (out / "loss.png").is_file()
+        weights = {}
+        for style in ("anime", "sepia"):
+            for name in (
+                "pytorch_lora_weights.safetensors",
+                "pickstyle_adapter.json",
+                "loss.csv",
+                "loss.png",
+            ):
+                assert (out / style / name).is_file(), (style, name)
+            weights[style] = load_file(out / style / "pytorch_lora_weights.safetensors")
+            assert summary["styles"][style]["fit_loss_final"] is not None
+        assert any(not torch.equal(weights["anime"][k], weights["sepia"][k]) for k in weights["anime"])
+        adapters = AdapterSet.open(out)
+        assert adapters.per_style and set(adapters.styles) == {"anime", "sepia"}
+        assert adapters.names["sepia"] == ("sepia", "Sepia")
+        assert adapters.pick("Sepia style. a wolf") == "sepia" and adapters.pick("an ANIME wolf") == "anime"
+        with pytest.raises(AdapterError, match="names none of the styles"):
+            adapters.pick("Watercolor style. a wolf")
+
+        # killed during the second adapter's second step: the first adapter's last checkpoint is complete
+        models_b = tmp_path / "models-b"
+        shutil.copytree(models / "backbone", models_b / "backbone")
+        params_b = _params(root, models_b, **kw)
+        with pytest.raises(_Killed):
+            tr.train(params_b, on_step=_kill_after(6))
+        assert not (models_b / "adapter" / "train_summary.json").exists()
+        resumed = tr.train(params_b)
+        assert resumed["styles"]["anime"]["start_step"] == 4 and resumed["styles"]["sepia"]["start_step"] == 1
+        for style in ("anime", "sepia"):
+            again = load_file(models_b / "adapter" / style / "pytorch_lora_weights.safetensors")
+            assert all(torch.equal(weights[style][k], again[k]) for k in weights[style]), style
+
+        tr.train(_params(root, models, steps=2))  # joint: the per-style index and folders go
+    assert not (out / "pickstyle_styles.json").exists() and not (out / "anime").exists()
+    assert not AdapterSet.open(out).per_style
+
+
+def test_per_style_needs_styled_data(workdir):
+    root, models = workdir
+    _random_latents(root / "data", n=4)  # no pair names its style
+    with pytest.raises(tr.TrainingError, match="no pair clip names its style"):
+        tr.train(_params(root, models, adapters="per_style", steps=1))
+
+
 def test_checkpoint_of_other_settings_is_not_resumed(workdir, capsys):
     root, models = workdir
     _random_latents(root / "data", n=4, shard_size=2)
@@ -517,7 +607,10 @@ def dump(accelerator, model):  # every rank writes the adapter it holds, to comp
 ckpt.gather_lora = dump
 params = parse_params({
     "paths": {"data": f"{root}/data", "models": models},
-    "train": {"steps": 3, "checkpoint_every": 3, "mlflow": False, "lr": 1e-3, "warmup_steps": 0, "device": "cpu"},
+    "train": {
+        "steps": 3, "checkpoint_every": 3, "mlflow": False, "lr": 1e-3, "warmup_steps": 0, "device": "cpu",
+        "adapters": "joint",
+    },
 })
 summary = tr.train(params)
 print("WORLD", summary["world_size"])

@@ -66,7 +66,7 @@ params = parse_params({
     "model": {"dtype": dtype},
     "train": {
         "steps": steps, "checkpoint_every": 2, "mlflow": False, "lr": 1e-3, "warmup_steps": 0, "device": "cpu",
-        "gradient_checkpointing": True, "lr_schedule": "constant",
+        "gradient_checkpointing": True, "lr_schedule": "constant", "adapters": "joint",
     },
 })
 summary = tr.train(params)

@@ -107,7 +107,7 @@ def test_profile_defaults() -> None:
     """Real profiles get the paper's defaults; the tiny profile keeps its own (the default run is unchanged)."""
     tiny = load_params(ROOT / "params.yaml")
     assert (tiny.train.steps, tiny.train.gradient_checkpointing, tiny.lora_rank, tiny.lora_alpha) == (
-        1500,
+        300,
         False,
         32,
         32.0,

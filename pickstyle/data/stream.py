@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,38 @@ def meta_of(raw: dict[str, Any]) -> dict[str, Any]:
     if data is None:
         return {}
     return json.loads(data.decode("utf-8") if isinstance(data, bytes | bytearray) else data)
+
+
+def styles_in(shards: list[Path]) -> dict[str, dict[str, Any]]:
+    """The styles of the pair clips in ``shards`` (reconstruction clips have none), by name: the shards holding
+    each style's clips and its caption name (the caption's words before " style.", e.g. "Pixel art").
+
+    Reads only the samples' ``.json`` members (tar headers are skipped over, the tensors never read).
+
+    Raises:
+        StreamError: A shard that cannot be read.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.name.endswith(".json"):
+                        continue
+                    meta = json.loads(tar.extractfile(member).read())
+                    style = meta.get("style")
+                    if not style or is_reconstruction(meta):
+                        continue
+                    entry = found.setdefault(str(style), {"shards": [], "names": []})
+                    if shard not in entry["shards"]:
+                        entry["shards"].append(shard)
+                    caption = str(meta.get("caption", ""))
+                    name = caption.split(" style.", 1)[0].strip() if " style." in caption else ""
+                    if name and name.casefold() not in (n.casefold() for n in entry["names"]):
+                        entry["names"].append(name)
+        except (OSError, tarfile.TarError, ValueError) as err:
+            raise StreamError(f"{shard}: cannot read its samples ({err})") from None
+    return dict(sorted(found.items()))
 
 
 def visits(meta: dict[str, Any], seed: int, epoch: int) -> bool:
@@ -142,7 +175,8 @@ def sample_stream(
 
 
 class MixedStream:
-    """Pairs and "reconstruct." clips mixed by ``recon_ratio``, with a resumable position.
+    """Pairs (of one ``style``, if given) and "reconstruct." clips mixed by ``recon_ratio``, with a resumable
+    position.
 
     Whether sample ``i`` of this process is a reconstruction clip is drawn from an RNG seeded by
     (seed, rank, i) alone, so the position is just the three counters in :attr:`position`.
@@ -157,13 +191,16 @@ class MixedStream:
         world_size: int,
         recon_ratio: float,
         position: dict[str, int] | None = None,
+        style: str | None = None,
     ) -> None:
         self.seed, self.rank, self.recon_ratio = seed, rank, recon_ratio
         self.position = dict(position or {"samples": 0, "pairs": 0, "recon": 0})
         common = {"seed": seed, "rank": rank, "world_size": world_size}
-        self._pairs = sample_stream(
-            shards, keep=lambda m: not is_reconstruction(m), skip=self.position["pairs"], **common
-        )
+
+        def is_pair(meta: dict[str, Any]) -> bool:
+            return not is_reconstruction(meta) and (style is None or meta.get("style") == style)
+
+        self._pairs = sample_stream(shards, keep=is_pair, skip=self.position["pairs"], **common)
         # Opened lazily on the first draw: with recon_ratio 0 the reconstruction clips are never read.
         self._recon = sample_stream(shards, keep=is_reconstruction, skip=self.position["recon"], **common)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,11 @@ CONTEXT_STYLE_TARGETS = r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: Our own description of the adapter (rank, alpha, targets, provenance), beside the weights.
 INFO_NAME = "pickstyle_adapter.json"
+#: The index of a per-style adapter folder (``train.adapters: per_style``): ``{"styles": {style: {"dir": ...,
+#: "names": [...]}}}``; each style's adapter is an ordinary adapter folder beneath it, ``<dir>/``.
+STYLES_NAME = "pickstyle_styles.json"
+#: The adapter name of a joint (one-for-every-style) adapter in the pipeline.
+JOINT_NAME = "pickstyle"
 
 #: Official PickStyle key: ``[module.]vace_blocks.N.self_attn.{q,k,v}.lora_{A,B}[.<adapter>].weight``.
 _OFFICIAL_KEY = re.compile(
@@ -223,6 +230,116 @@ def load_adapter(
     return adapter_name
 
 
+@dataclass(frozen=True)
+class AdapterSet:
+    """The adapters of a folder: one for every style (``joint``, the paper's) or one per style (``per_style``).
+
+    A per-style folder holds :data:`STYLES_NAME` and one adapter folder per style; :meth:`pick` chooses the
+    adapter a prompt asks for by the style it names ("Anime style. a wolf" -> ``anime``). Every adapter loads
+    into the same pipeline under its own name; sampling activates one (:meth:`activate`).
+    """
+
+    root: Path
+    #: style -> its adapter folder; empty for a joint adapter (``root`` itself).
+    styles: dict[str, Path]
+    #: style -> the words a prompt names it by (the style's name and its caption name, e.g. "pixel art").
+    names: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def open(cls, folder: str | Path) -> AdapterSet:
+        """Read an adapter folder of either layout; raises :class:`AdapterError` naming what is missing."""
+        folder = Path(folder)
+        index = folder / STYLES_NAME
+        if index.is_file():
+            try:
+                entries = json.loads(index.read_text())["styles"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise AdapterError(f"{index}: not a per-style adapter index ({err})") from None
+            if not entries:
+                raise AdapterError(f"{index}: lists no style")
+            styles = {style: folder / e["dir"] for style, e in entries.items()}
+            for style, path in styles.items():
+                if not (path / WEIGHT_NAME).is_file():
+                    raise AdapterError(f"{path}: the {style!r} adapter of {index} is missing ({WEIGHT_NAME})")
+            names = {
+                style: tuple(dict.fromkeys([style, *e.get("names", [])])) for style, e in entries.items()
+            }
+            return cls(folder, styles, names)
+        if not (folder / WEIGHT_NAME).is_file():
+            raise AdapterError(f"{folder}: not an adapter folder (no {WEIGHT_NAME}, no {STYLES_NAME})")
+        return cls(folder, {}, {})
+
+    @property
+    def per_style(self) -> bool:
+        return bool(self.styles)
+
+    @property
+    def folders(self) -> dict[str, Path]:
+        """Adapter name (the style, or :data:`JOINT_NAME`) -> its folder."""
+        return dict(self.styles) if self.styles else {JOINT_NAME: self.root}
+
+    def pick(self, prompt: str, style: str | None = None) -> str:
+        """The adapter name for ``prompt``: a joint adapter serves every prompt; of per-style adapters, ``style``
+        if given, else the only one, else the style the prompt names first (as a whole word, any case).
+
+        Raises:
+            AdapterError: ``style`` is not in the folder, or the prompt names none of its styles.
+        """
+        if not self.styles:
+            return JOINT_NAME
+        if style is not None:
+            if style not in self.styles:
+                raise AdapterError(f"{self.root}: no {style!r} adapter (it has {', '.join(self.styles)})")
+            return style
+        if len(self.styles) == 1:
+            return next(iter(self.styles))
+        text = prompt.casefold()
+        found = [
+            (m.start(), -len(word), style)
+            for style, words in self.names.items()
+            for word in words
+            if (m := re.search(rf"(?<!\w){re.escape(word.casefold())}(?!\w)", text))
+        ]
+        if not found:
+            example = self.names[next(iter(self.styles))][-1].capitalize()
+            raise AdapterError(
+                f"prompt {prompt!r} names none of the styles of {self.root}, which holds one adapter per style: "
+                f"{', '.join(self.styles)} (start the prompt with e.g. '{example} style. ...')"
+            )
+        return min(found)[2]
+
+    def load(self, pipe: Any, scale: float = 1.0) -> AdapterSet:
+        """Load every adapter into ``pipe.transformer`` under its name; the first one is left active."""
+        with warnings.catch_warnings():  # several adapters in one model is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            for name, folder in reversed(self.folders.items()):
+                load_adapter(pipe, folder, scale=scale, adapter_name=name)
+        return self
+
+    def activate(self, pipe: Any, prompt: str, scale: float, style: str | None = None) -> str:
+        """Make the prompt's adapter (:meth:`pick`) the only active one, at ``scale``; returns its name."""
+        name = self.pick(prompt, style)
+        pipe.set_adapters([name], [scale])
+        return name
+
+    def sha256(self) -> str:
+        """:func:`adapter_sha256` of a joint adapter; of a per-style folder, a hash over its styles' hashes."""
+        if not self.styles:
+            return adapter_sha256(self.root)
+        h = hashlib.sha256()
+        for style in sorted(self.styles):
+            h.update(f"{style}:{adapter_sha256(self.styles[style])}\n".encode())
+        return h.hexdigest()
+
+
+def write_styles_index(folder: str | Path, names: dict[str, list[str]]) -> Path:
+    """Write a per-style adapter folder's :data:`STYLES_NAME` (style -> the words prompts name it by); each
+    style's adapter is ``<folder>/<style>/``."""
+    index = Path(folder) / STYLES_NAME
+    write_json(index, {"styles": {s: {"dir": s, "names": list(n)} for s, n in sorted(names.items())}})
+    return index
+
+
 def convert_official_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Rename official PickStyle LoRA keys to diffusers' naming; returns (state dict, rank).
 
@@ -328,6 +445,11 @@ def read_adapter_weights(adapter_dir: str | Path) -> tuple[dict[str, torch.Tenso
 
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / WEIGHT_NAME
+    if not weights.is_file() and (adapter_dir / STYLES_NAME).is_file():
+        styles = AdapterSet.open(adapter_dir).styles
+        raise AdapterError(
+            f"{adapter_dir}: one adapter per style ({', '.join(styles)}); name one, e.g. {next(iter(styles.values()))}"
+        )
     if not weights.is_file():
         raise AdapterError(f"{adapter_dir}: not an adapter folder (missing {WEIGHT_NAME})")
     state = load_file(str(weights))

@@ -174,7 +174,15 @@ GUIDERS: dict[str, type[Guider]] = {
 
 
 def make_guider(mode: str, **settings) -> Guider:
-    """The guider of ``mode`` with ``settings`` (:class:`Guider`'s arguments)."""
+    """The guider of ``mode`` with ``settings`` (:class:`Guider`'s arguments).
+
+    Scales under which a mode is the conditional prediction alone (``cfg``/``cfg_joint`` at t_g = 1, ``cs_cfg``
+    at t_g = 1 and c_g = 0: the tiny profile's evaluated best) get :class:`NoGuidance`, one prediction a step
+    instead of two or three.
+    """
     if mode not in GUIDERS:
         raise ValueError(f"unknown guidance {mode!r}: expected one of {tuple(GUIDERS)}")
+    t_guide, c_guide = settings.get("t_guide", 5.0), settings.get("c_guide", 4.0)
+    if t_guide == 1 and (mode in ("cfg", "cfg_joint") or (mode == "cs_cfg" and c_guide == 0)):
+        mode = "none"
     return GUIDERS[mode](**settings)

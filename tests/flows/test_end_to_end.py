@@ -67,8 +67,9 @@ def test_every_stage_end_to_end(
     latents_flow(params)
     assert list(Path("data/latents").glob("latents-*.tar"))
     trained = train_flow(params)
-    assert trained["steps"] == 12
-    assert Path("models/adapter/pytorch_lora_weights.safetensors").is_file()
+    assert trained["steps"] == 12 and trained["adapters"] == "per_style"  # the tiny profile: one per style
+    for style in ("anime", "sepia"):
+        assert Path(f"models/adapter/{style}/pytorch_lora_weights.safetensors").is_file()
 
     evaluate_flow(params)
     metrics = json.loads(Path("eval/metrics.json").read_text())

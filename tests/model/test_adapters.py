@@ -11,7 +11,10 @@ import torch
 from pickstyle.config import TinyBackbone
 from pickstyle.model.adapters import (
     CONTEXT_STYLE_TARGETS,
+    STYLES_NAME,
     AdapterError,
+    AdapterSet,
+    adapter_sha256,
     add_context_style_adapter,
     import_official_adapter,
     load_adapter,
@@ -20,6 +23,7 @@ from pickstyle.model.adapters import (
     save_adapter,
 )
 from pickstyle.model.components import load_pipeline, tiny_latent_geometry
+from tests.projects import random_adapter, random_style_adapters
 
 C, F, H, W = tiny_latent_geometry(TinyBackbone(), 9, 64, 96)
 Z = TinyBackbone().vae_z_dim  # latent channels
@@ -174,3 +178,56 @@ def test_convert_official_keys_without_adapter_segment() -> None:
     mixed = {**state, "vace_blocks.4.self_attn.q.lora_A.other.weight": torch.zeros(8, 32)}
     with pytest.raises(AdapterError, match="several adapters"):
         convert_official_state_dict(mixed)
+
+
+def test_adapter_set_picks_the_style_the_prompt_names(tiny_backbone: Path, tmp_path: Path) -> None:
+    """A per-style folder: every adapter loads under its style's name, the prompt's style is the one active."""
+    folder = random_style_adapters(tiny_backbone, tmp_path / "adapter", ("anime", "sepia", "pixel"))
+    adapters = AdapterSet.open(folder)
+    assert adapters.per_style and list(adapters.folders) == ["anime", "pixel", "sepia"]
+    assert adapters.pick("Sepia style. a wolf") == "sepia"
+    assert adapters.pick("a wolf, pixel-art") == "pixel"  # any case, a whole word
+    assert adapters.pick("Anime style. a sepia photo") == "anime"  # the first style named
+    assert adapters.pick("anything", style="pixel") == "pixel"
+    with pytest.raises(AdapterError, match="names none of the styles"):
+        adapters.pick("Watercolor style. a wolf")
+    with pytest.raises(AdapterError, match="no 'oil' adapter"):
+        adapters.pick("Anime style.", style="oil")
+    with pytest.raises(AdapterError, match="names none"):
+        adapters.pick("animation")  # not the word "anime"
+
+    pipe = load_pipeline(tiny_backbone)
+    before = _forward(pipe.transformer)
+    adapters.load(pipe, scale=1.0)
+    outs = {}
+    for style in adapters.styles:
+        assert adapters.activate(pipe, f"{style} style. x", 1.0) == style
+        outs[style] = _forward(pipe.transformer)
+    assert not torch.allclose(outs["anime"], outs["sepia"])  # each style its own adapter
+    adapters.activate(pipe, "Anime style. x", 0.0)
+    assert torch.equal(_forward(pipe.transformer), before)  # scale 0: the backbone alone
+    adapters.activate(pipe, "Anime style. x", 1.0)
+    assert torch.equal(_forward(pipe.transformer), outs["anime"])
+
+    # the folder's hash follows every style's weights
+    sha = adapters.sha256()
+    random_adapter(tiny_backbone, folder / "pixel", seed=9)
+    assert AdapterSet.open(folder).sha256() != sha
+
+
+def test_adapter_set_layouts_and_errors(tiny_backbone: Path, tmp_path: Path) -> None:
+    joint = random_adapter(tiny_backbone, tmp_path / "joint")
+    adapters = AdapterSet.open(joint)
+    assert not adapters.per_style and adapters.pick("any prompt at all") == "pickstyle"
+    assert adapters.sha256() == adapter_sha256(joint)
+    one = random_style_adapters(tiny_backbone, tmp_path / "one", ("sepia",))
+    assert AdapterSet.open(one).pick("Anime style. a wolf") == "sepia"  # a one-style folder serves any prompt
+    with pytest.raises(AdapterError, match="not an adapter folder"):
+        AdapterSet.open(tmp_path)
+    broken = random_style_adapters(tiny_backbone, tmp_path / "broken")
+    (broken / "sepia" / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(AdapterError, match="the 'sepia' adapter of .* is missing"):
+        AdapterSet.open(broken)
+    (broken / STYLES_NAME).write_text("{not json")
+    with pytest.raises(AdapterError, match="not a per-style adapter index"):
+        AdapterSet.open(broken)

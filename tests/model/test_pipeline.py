@@ -309,3 +309,20 @@ def test_adapter_changes_output_and_scale_zero_restores_base(tiny_backbone, vide
     assert np.abs(styled - base).max() > 1e-3
     load_adapter(pipe, tmp_path / "adapter", scale=0.0)
     np.testing.assert_allclose(run(pipe, video, guidance="cs_cfg"), base, atol=1e-6)
+
+
+def test_guidance_that_adds_nothing_computes_one_prediction() -> None:
+    """t_g = 1 (and c_g = 0 for CS-CFG, the tiny profile's default) is the conditional prediction alone: one
+    forward pass a step, not two or three; any other scale keeps the mode's branches."""
+    from pickstyle.model.guiders import make_guider
+
+    for mode, c_guide in (("cfg", 4.0), ("cfg_joint", 4.0), ("cs_cfg", 0.0)):
+        guider = make_guider(mode, t_guide=1.0, c_guide=c_guide)
+        assert guider.branches == ("c",) and guider.name == "none", mode
+    assert make_guider("cs_cfg", t_guide=1.0, c_guide=0.1).branches == ("c", "t", "0")
+    assert make_guider("cs_cfg", t_guide=1.5, c_guide=0.0).branches == ("c", "t", "0")
+    assert make_guider("cs_cfg_apg", t_guide=1.0, c_guide=0.0).branches == ("c", "t", "0")  # other convention
+    eps = {"c": torch.randn(1, 4, 2, 3, 3), "t": torch.randn(1, 4, 2, 3, 3), "0": torch.randn(1, 4, 2, 3, 3)}
+    full = make_guider("cs_cfg", t_guide=1.25, c_guide=0.0).combine(eps)
+    torch.testing.assert_close(make_guider("cs_cfg", t_guide=1.0, c_guide=0.0).combine(eps), eps["c"])
+    assert not torch.allclose(full, eps["c"])
