@@ -166,6 +166,7 @@ def _write_adapter(
             weight_name=WEIGHT_NAME,
             transformer_lora_adapter_metadata=config.to_dict(),  # without it alpha silently becomes r on load
         )
+        _sort_safetensors_metadata(tmp / WEIGHT_NAME)
         targets = config.target_modules
         info = {
             "format": "diffusers-lora",
@@ -179,6 +180,23 @@ def _write_adapter(
         }
         write_json(tmp / INFO_NAME, info)
     return out_dir
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place, so the same weights make the same
+    bytes: safetensors writes its metadata map in a per-process random order (two keys here, so two runs of
+    ``dvc repro`` recorded different md5s for identical adapters half the time). The header keeps its length
+    (the same keys and values, compact JSON, padded with spaces as safetensors pads), so no offset moves."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise AdapterError(f"{path}: its safetensors header cannot be rewritten in place")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:

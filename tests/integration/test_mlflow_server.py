@@ -117,7 +117,8 @@ def test_stages_log_to_a_tracking_server_and_another_folder_pulls_the_model(
     assert out["register"]["tracking_uri"] == mlflow_server.url and out["register"]["created"]
     for name in ("mlflow.db", "mlartifacts", "mlruns"):
         assert not (project / name).exists(), name
-    train_run = client.get_run(out["train"]["styles"]["sepia"]["mlflow_run_id"])  # the tiny profile: per style
+    # the tiny profile trains one adapter per style: this run's is sepia's
+    train_run = client.get_run(out["train"]["styles"]["sepia"]["mlflow_run_id"])
     eval_run = client.get_run(out["evaluate"]["mlflow_run_id"])
     for run in (train_run, eval_run):
         assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/"), (
