@@ -314,7 +314,10 @@ def stylize_file(
     if height % base or width % base:
         raise StylizeError(f"profile size {height}x{width}: this backbone needs multiples of {base}")
     if adapters is not None:
-        adapters.load(pipe, scale=sample.adapter_scale).activate(pipe, prompt, sample.adapter_scale, style)
+        # one prompt, one style: only its adapter is loaded
+        adapters.load(pipe, sample.adapter_scale, names=[chosen]).activate(
+            pipe, prompt, sample.adapter_scale, style
+        )
 
     return render_fitted(
         pipe,

@@ -326,11 +326,13 @@ class AdapterSet:
             )
         return min(found)[2]
 
-    def load(self, pipe: Any, scale: float = 1.0) -> AdapterSet:
-        """Load every adapter into ``pipe.transformer`` under its name; the first one is left active."""
+    def load(self, pipe: Any, scale: float = 1.0, names: list[str] | None = None) -> AdapterSet:
+        """Load every adapter (or those of ``names``) into ``pipe.transformer`` under its name; the first one is
+        left active."""
+        folders = self.folders if names is None else {n: self.folders[n] for n in names}
         with warnings.catch_warnings():  # several adapters in one model is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
-            for name, folder in reversed(self.folders.items()):
+            for name, folder in reversed(folders.items()):
                 load_adapter(pipe, folder, scale=scale, adapter_name=name)
         return self
 
