@@ -67,8 +67,12 @@ class TinyBackbone(Section):
     freq_dim: int = 64
     #: Transformer patch (t, h, w) over the latent.
     patch_size: list[int] = Field(default_factory=lambda: [1, 4, 4])
-    #: AutoencoderKLWan base channels.
+    #: AutoencoderKLWan base channels (the encoder's; the decoder's too unless ``vae_decoder_base_dim`` is set).
     vae_base_dim: int = 8
+    #: The decoder's base channels; null = ``vae_base_dim``. Wider: the pretrain stage's last phase trains a new
+    #: decoder of this width on the frozen encoder, so the latent space the transformer learned stays (README "The
+    #: tiny backbone": 16 channels, 2,000 steps, gave real footage 22.7 dB against the fine-tuned 8's 23.5).
+    vae_decoder_base_dim: int | None = Field(default=None, ge=1)
     #: Latent channels (Wan: 16): the transformer's in/out channels.
     vae_z_dim: int = 6
     #: One entry per VAE level; ``len - 1`` 2x spatial downsamples (Wan: [1, 2, 4, 4], 8x).
@@ -165,6 +169,10 @@ class Profile(Section):
     #: Chroma of the near-lossless clips when ``clips.chroma`` is null: ``444`` keeps full colour detail
     #: (the reference trains on RGB frames); ``420`` is smaller.
     chroma: Literal["420", "444"] = "444"
+    #: How a built-in pair's styled clip is made when ``clips.style_render`` is null (see there): ``motion``
+    #: (the paper: the styled image under the source's motion) or ``per_frame`` (the style applied to each
+    #: rendered source frame, at the frame's own scale: what the evaluation's ground truth is).
+    style_render: Literal["motion", "per_frame"] = "motion"
     #: What ``train`` makes when ``train.adapters`` is null: ``joint``, one adapter for every style, prompted by
     #: its caption (the paper), or ``per_style``, one adapter per style, picked by the style the prompt names
     #: (the tiny profile: its backbone learns one style per adapter, not five in one; README: The tiny backbone).
@@ -203,17 +211,18 @@ def _default_profiles() -> dict[str, Profile]:
             lora_alpha=32.0,
             lora_targets=TINY_LORA_TARGETS,
             train_steps=300,
-            train_lr=1e-3,
+            train_lr=2e-3,
             train_shift=12.0,
             train_weighting="none",
             train_lr_schedule="cosine",
             gradient_checkpointing=False,
-            sample_steps=8,
+            sample_steps=3,
             sample_t_guide=1.0,
             sample_c_guide=0.0,
             clip_variants=2,
             flip_prob=0.5,
-            chroma="420",
+            chroma="444",
+            style_render="per_frame",
             adapters="per_style",
         ),
         "wan-1.3b": Profile(backbone="wan-1.3b", frames=81, height=480, width=832, fps=16),
@@ -281,8 +290,17 @@ class Clips(Section):
     #: H.264 quality: ``near_lossless`` (libx264, crf below, yuv420p) or ``lossless`` (libx264rgb, qp 0: exact RGB).
     quality: Literal["near_lossless", "lossless"] = "near_lossless"
     crf: int = 12
-    #: Chroma subsampling of ``near_lossless`` clips; null = the profile's (tiny 420, real 444).
+    #: Chroma subsampling of ``near_lossless`` clips; null = the profile's (444 on every profile: 4:2:0 halves
+    #: the colour resolution, which costs 64x96 anime/pixel targets 9-11 dB against their exact frames).
     chroma: Literal["420", "444"] | None = None
+    #: The styled clip of a *built-in* (procedural) pair: ``motion`` renders the style image under the source's
+    #: camera motion (the paper's recipe, the only one for image pairs from a folder); ``per_frame`` applies the
+    #: style function to each rendered source frame. A style's grain (pixel grid, outlines, paper, vignette) then
+    #: sits at the frame's scale, anchored to the frame, as when a video is stylised frame by frame (the test
+    #: clips' ground truth); a 128 px style image shown at 0.5-1x differs from that by 21 dB (pixel) to 26 dB
+    #: (watercolor). Null = the profile's (tiny ``per_frame``, real ``motion``). Pairs from other sources always
+    #: use ``motion``.
+    style_render: Literal["motion", "per_frame"] | None = None
     #: Optional folder of real videos (mp4/mov/webm/gif) cut into "reconstruct." clips.
     reconstruct_dir: str | None = None
     #: Caption description used for reconstruction clips (a ``<video>.txt`` beside a video overrides it).
@@ -363,9 +381,13 @@ class Pretrain(Section):
     null_text_prob: float = Field(default=0.1, ge=0, le=1)
     #: Last phase: the VAE decoder alone (encoder frozen, so the latent space the transformer learned is kept)
     #: fine-tuned on clips with L1 + MSE; sharpens every decoded output.
+    #: With ``model.tiny.vae_decoder_base_dim`` wider than the encoder, this phase trains that wider decoder from
+    #: scratch instead (measured worse so far: README "The tiny backbone").
     decoder_steps: int = Field(default=300, ge=0)
     decoder_lr: float = Field(default=5e-4, gt=0)
     decoder_warmup_steps: int = Field(default=20, ge=0)
+    #: Share of procedural images in the decoder phase's clips (``vae_texture_share`` is the VAE phase's).
+    decoder_texture_share: float = Field(default=0.3, ge=0, le=1)
     log_every: int = Field(default=50, ge=1)
     #: Every phase checkpoints (model, optimizer, curve) every this many steps and at its end.
     checkpoint_every: int = Field(default=100, ge=1)
@@ -542,6 +564,7 @@ class Params(Section):
             ("clips", "variants"): "clip_variants",
             ("clips", "flip_prob"): "flip_prob",
             ("clips", "chroma"): "chroma",
+            ("clips", "style_render"): "style_render",
             ("sample", "steps"): "sample_steps",
             ("sample", "t_guide"): "sample_t_guide",
             ("sample", "c_guide"): "sample_c_guide",

@@ -43,8 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLWan
 
-from pickstyle.config import WAN_NEGATIVE_PROMPT, Params
+from pickstyle.config import WAN_NEGATIVE_PROMPT, Params, TinyBackbone
 from pickstyle.data.footage import heldout_clips
 from pickstyle.data.pretrain_set import (
     CHECK_SCENE_OFFSET,
@@ -61,7 +62,14 @@ from pickstyle.data.pretrain_set import (
 from pickstyle.files import atomic_path, resolve_device
 from pickstyle.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
 from pickstyle.model import latent_space
-from pickstyle.model.components import calibrate_vae, init_tiny_pipeline, prompt_length, save_backbone
+from pickstyle.model.components import (
+    TINY_SEED,
+    calibrate_vae,
+    init_tiny_pipeline,
+    prompt_length,
+    save_backbone,
+    tiny_vae_config,
+)
 from pickstyle.schedules import warmup_cosine
 
 __all__ = ["PretrainError", "footage_check", "pretrain", "pretrain_styles", "vae_check", "work_dir"]
@@ -84,7 +92,7 @@ _PHASE_FIELDS = {
             "vae_warmup_steps", "vae_texture_share", "scene_share", "scene_objects", "motion_mix", "static_prob"),
     "latents": ("clips", "task_mix", "controls"),
     "transformer": ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "shift", "null_text_prob"),
-    "decoder": ("decoder_steps", "decoder_lr", "decoder_warmup_steps"),
+    "decoder": ("decoder_steps", "decoder_lr", "decoder_warmup_steps", "decoder_texture_share"),
 }  # fmt: skip
 
 
@@ -92,10 +100,12 @@ def _settings_key(params: Params, phase: str) -> str:
     """What a phase's checkpoint must match to be resumed: its and the earlier phases' settings, the tiny sizes."""
     phases = list(_PHASE_FIELDS)
     fields = [f for p in phases[: phases.index(phase) + 1] for f in _PHASE_FIELDS[p]]
+    # The decoder's width matters from the decoder phase on: the phases before it train the narrow VAE.
+    tiny_exclude = None if phase == "decoder" else {"vae_decoder_base_dim"}
     payload = {
         "phase": phase,
         "pretrain": params.pretrain.model_dump(mode="json", include=set(fields)),
-        "tiny": params.model.tiny.model_dump(mode="json"),
+        "tiny": params.model.tiny.model_dump(mode="json", exclude=tiny_exclude),
         "geometry": params.active.model_dump(mode="json", include={"frames", "height", "width"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -204,10 +214,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _vae_step(vae: Any, params: Params, device: torch.device, offset: int, frozen_encoder: bool):
-    """A VAE step: L1 (``+ MSE`` for the decoder fine-tune, encoder frozen) on the batch of step ``offset + i``."""
+    """A VAE step: L1 (``+ MSE`` for the decoder phase, encoder frozen, on ``decoder_texture_share`` procedural
+    images) on the batch of step ``offset + i``."""
+    share = params.pretrain.decoder_texture_share if frozen_encoder else None
 
     def step_fn(step: int):
-        x = vae_batch(params, offset + step).to(device)
+        x = vae_batch(params, offset + step, share).to(device)
         if frozen_encoder:
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mode()
@@ -402,9 +414,31 @@ def train_transformer(
 # --- phase 4: the VAE decoder ---------------------------------------------------------------------------------
 
 
+def widen_decoder(vae: Any, tiny: TinyBackbone) -> Any:
+    """The final VAE: ``vae``'s encoder (and latent statistics) with a fresh decoder of ``vae_decoder_base_dim``
+    channels, or ``vae`` itself when the decoder keeps the encoder's width."""
+    width = tiny.vae_decoder_base_dim or tiny.vae_base_dim
+    if width == (vae.config.get("decoder_base_dim") or vae.config.base_dim):
+        return vae
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED + 3)
+        wide = AutoencoderKLWan(**tiny_vae_config(tiny)).to(vae.device)
+    for name in ("encoder", "quant_conv", "post_quant_conv"):
+        getattr(wide, name).load_state_dict(getattr(vae, name).state_dict())
+    wide.register_to_config(
+        latents_mean=list(vae.config.latents_mean), latents_std=list(vae.config.latents_std)
+    )
+    return wide
+
+
 def finetune_decoder(pipe: Any, params: Params, device: torch.device, log: Log, history: list[dict]) -> None:
-    """Phase 4: the decoder alone (encoder frozen: the transformer's latent space stays), L1 + MSE on clips."""
+    """Phase 4: the decoder alone (encoder frozen: the transformer's latent space stays), L1 + MSE on clips.
+
+    With ``model.tiny.vae_decoder_base_dim`` wider than the encoder, a new, wider decoder is trained from scratch
+    here (:func:`widen_decoder`; ``pipe.vae`` is replaced); otherwise the VAE phase's decoder is fine-tuned.
+    """
     cfg = params.pretrain
+    pipe.vae = widen_decoder(pipe.vae, params.model.tiny).to(device)
     vae = pipe.vae
     frozen = [vae.encoder, vae.quant_conv]
     for module in frozen:
@@ -476,7 +510,8 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     cfg = params.pretrain
     device = torch.device(resolve_device(cfg.device))
     t0 = time.perf_counter()
-    pipe = init_tiny_pipeline(params.model.tiny)
+    # Phases 1-3 train the VAE with a decoder as narrow as its encoder (fast); phase 4 may widen the decoder.
+    pipe = init_tiny_pipeline(params.model.tiny.model_copy(update={"vae_decoder_base_dim": None}))
     pipe.text_encoder.to(device)
     history: list[dict] = []
     train_vae(pipe, params, device, log, history)

@@ -93,11 +93,17 @@ def test_pretraining_never_reads_the_adapters_clip_settings() -> None:
     assert _settings_key(steps, "vae") == _settings_key(base, "vae")
     assert _settings_key(steps, "latents") == _settings_key(base, "latents")
     assert _settings_key(steps, "transformer") != _settings_key(base, "transformer")
+    # the decoder's width is the decoder phase's alone
+    wider = parse_params({"model": {"tiny": {"vae_decoder_base_dim": 40}}})
+    for phase in ("vae", "latents", "transformer"):
+        assert _settings_key(wider, phase) == _settings_key(base, phase)
+    assert _settings_key(wider, "decoder") != _settings_key(base, "decoder")
 
 
 def _small(models: Path) -> dict:
     return {
         "paths": {"models": str(models)},
+        "model": {"tiny": {"vae_decoder_base_dim": 12}},  # the decoder phase widens the decoder (8 -> 12)
         "pretrain": {
             "vae_frame_steps": 2,
             "vae_clip_steps": 1,
@@ -134,6 +140,14 @@ def test_short_pretrain_is_deterministic_and_resumes_exactly(tmp_path: Path) -> 
     pretrain(pieces, log=lines.append)
     assert any("resumed" in line for line in lines)
     assert _weights(tmp_path / "b" / "backbone") == _weights(out)
+
+    # the decoder phase trains a decoder wider than the encoder (model.tiny.vae_decoder_base_dim); the encoder,
+    # and so the latent space the transformer learned, is the VAE phase's
+    wide = load_pipeline(out).vae
+    assert wide.config.decoder_base_dim == straight.model.tiny.vae_decoder_base_dim > wide.config.base_dim
+    phase1 = torch.load(work_dir(pieces) / "vae.pt", weights_only=False)["model"]
+    for name, tensor in wide.encoder.state_dict().items():
+        torch.testing.assert_close(tensor, phase1[f"encoder.{name}"], rtol=0, atol=0)
 
     # other settings: the checkpoints are not reused
     changed = parse_params(

@@ -26,25 +26,34 @@ def test_committed_metrics_are_the_pipelines() -> None:
     assert hashlib.md5(METRICS.read_bytes()).hexdigest() == outs["eval/metrics.json"]
 
 
+#: Style PSNR gain (dB) of each style's adapter over the backbone alone, measured by this round's ``dvc repro``
+#: (10 test clips, 2 per style; built-in pairs styled per frame in full chroma, lr 2e-3, 3 sampling steps).
+MEASURED_GAIN_OVER_BASE = {"anime": 1.09, "pixel": 1.07, "sepia": 2.83, "sketch": 1.31, "watercolor": 1.97}
+
+
 def test_adapter_beats_the_backbone_alone(metrics: dict[str, float]) -> None:
-    # measured: +1.03 dB (10 test clips, one adapter per style; the tiny profile samples with t_g 1, c_g 0, so
-    # CS-CFG is the adapter's own conditional prediction and equals ``noguide``)
+    # measured: +1.66 dB on average (the tiny profile samples with t_g 1, c_g 0, so CS-CFG is the adapter's own
+    # conditional prediction and equals ``noguide``)
     gain = metrics["cs_cfg/style_psnr"] - metrics["base/style_psnr"]
-    assert gain >= 1.03 / 2, gain
+    assert gain >= 1.66 / 2, gain
     gain = metrics["noguide/style_psnr"] - metrics["base_noguide/style_psnr"]
-    assert gain >= 1.03 / 2, gain  # without guidance too (issue 18)
+    assert gain >= 1.66 / 2, gain  # without guidance too (issue 18)
+
+
+@pytest.mark.parametrize("style", sorted(MEASURED_GAIN_OVER_BASE))
+def test_every_styles_adapter_beats_the_backbone(metrics: dict[str, float], style: str) -> None:
+    gain = metrics[f"style/{style}/cs_cfg/style_psnr"] - metrics[f"style/{style}/base/style_psnr"]
+    assert gain >= MEASURED_GAIN_OVER_BASE[style] / 2, gain
 
 
 def test_adapter_learns_the_style_the_backbone_never_saw(metrics: dict[str, float]) -> None:
-    # sepia is held out of pretraining: only the adapter can have learned it (measured +2.51 dB over the base,
-    # +2.39 over the unchanged input)
-    gain = metrics["style/sepia/cs_cfg/style_psnr"] - metrics["style/sepia/base/style_psnr"]
-    assert gain >= 2.51 / 2, gain
+    # sepia is held out of pretraining: only the adapter can have learned it (measured +2.83 dB over the base,
+    # +2.88 over the unchanged input)
     gain = metrics["style/sepia/cs_cfg/style_psnr"] - metrics["style/sepia/identity/style_psnr"]
-    assert gain >= 2.39 / 2, gain
+    assert gain >= 2.88 / 2, gain
 
 
 def test_backbone_reconstructs_and_follows_its_context(metrics: dict[str, float]) -> None:
     assert metrics["vae/source_psnr"] >= 25.0  # measured 25.26
-    # measured 24.06 (the backbone pretrained 4,000 steps: 19.37)
+    # measured 23.89 at the tiny profile's 3 sampling steps (24.06 at 8; the backbone pretrained 4,000 steps: 19.37)
     assert metrics["reconstruct/source_psnr"] >= 23.0

@@ -121,6 +121,8 @@ def test_profile_defaults() -> None:
             tp.sample_c_guide,
         )
     assert tiny.train.lora_targets == tp.lora_targets and "attn2" in tp.lora_targets
+    # the tiny profile's built-in pairs are styled frame by frame, at the frame's scale, in full chroma
+    assert (tiny.clips.style_render, tiny.clips.chroma) == ("per_frame", "444")
     for name in ("wan-1.3b", "wan-14b"):
         real = load_params(ROOT / "params.yaml", {"profile": name})
         assert (real.train.steps, real.train.gradient_checkpointing, real.lora_rank, real.lora_alpha) == (
@@ -130,6 +132,7 @@ def test_profile_defaults() -> None:
             128.0,
         )
         assert real.train.lora_targets == r"vace_blocks\.\d+\.attn1\.to_(?:q|k|v)"  # the paper's
+        assert (real.clips.style_render, real.clips.chroma) == ("motion", "444")  # the paper's recipe
         for ev in (real.evaluate.sample, real.sample):
             assert (ev.steps, ev.t_guide, ev.c_guide, ev.shift) == (20, 5.0, 4.0, 16.0)
     # an explicit value beats the profile's

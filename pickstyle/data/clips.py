@@ -49,7 +49,7 @@ from pickstyle.data.shards import (
     record_shard,
     write_shards,
 )
-from pickstyle.data.styles import apply_style, style_caption_name
+from pickstyle.data.styles import STYLES, apply_style, style_caption_name
 from pickstyle.data.video import encode_video, read_video, resize_cover_crop
 from pickstyle.errors import PickstyleError
 from pickstyle.files import write_json
@@ -84,6 +84,7 @@ def _settings(params: Params) -> dict[str, Any]:
         "lossless": c.quality == "lossless",
         "crf": c.crf,
         "chroma": c.chroma,
+        "style_render": c.style_render,
         "test_objects": c.test_objects,
         "styles": list(params.pairs.styles),
         "recon_description": c.reconstruct_description,
@@ -194,6 +195,15 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
                     photometric=s["photometric"],
                 )
                 src_clip, style_clip = render_pair(src, style, spec, s["frames"], s["height"], s["width"])
+                style_id = meta.get("style", "")
+                per_frame = (
+                    s.get("style_render") == "per_frame"
+                    and meta.get("source_kind") == "builtin"
+                    and style_id in STYLES
+                )
+                if per_frame:
+                    # the style function at the frame's scale, frame by frame (as the test clips' ground truth)
+                    style_clip = np.stack([apply_style(style_id, f) for f in src_clip])
                 clip_meta = {
                     "kind": "pair",
                     "caption": meta.get("caption", ""),
@@ -204,6 +214,7 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
                     "variant": v,
                     "variants": s["variants"],
                     "motion": spec,
+                    "style_render": "per_frame" if per_frame else "motion",
                 }
                 samples.append(_clip_sample(f"{key}_m{v}", src_clip, style_clip, clip_meta, s, s["lossless"]))
                 motions[spec["motion"]["kind"]] += 1

@@ -124,9 +124,11 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def vae_batch(params: Params, step: int) -> torch.Tensor:
-    """The VAE's batch of ``step``: single frames (first phase) or short clips (second), photos and scenes."""
+def vae_batch(params: Params, step: int, texture_share: float | None = None) -> torch.Tensor:
+    """The VAE's batch of ``step``: single frames (first phase) or short clips (second), photos and scenes;
+    ``texture_share`` of them procedural (default ``pretrain.vae_texture_share``)."""
     cfg = params.pretrain
+    share = cfg.vae_texture_share if texture_share is None else texture_share
     rng = phase_rng(cfg.seed, VAE_PHASE, step)
     styles = pretrain_styles(cfg)
     clip_phase = step >= cfg.vae_frame_steps
@@ -136,7 +138,7 @@ def vae_batch(params: Params, step: int) -> torch.Tensor:
     photos = [img for _, _, img in _photos()]
     for _ in range(n):
         style = styles[int(rng.integers(len(styles)))] if rng.random() < 0.6 else None
-        if rng.random() < cfg.vae_texture_share:
+        if rng.random() < share:
             if not clip_phase and rng.random() < 0.5:  # straight at the frame size: the finest grain survives
                 img = random_image(rng, h, w, photos)
                 video = (apply_style(style, img) if style and rng.random() < 0.3 else img)[None]

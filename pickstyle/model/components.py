@@ -148,6 +148,7 @@ def tiny_vae_config(tiny: TinyBackbone) -> dict[str, Any]:
     (see TinyBackbone); the latent statistics start neutral and are measured (:func:`calibrate_vae`)."""
     return {
         "base_dim": tiny.vae_base_dim,
+        "decoder_base_dim": tiny.vae_decoder_base_dim or tiny.vae_base_dim,
         "z_dim": tiny.vae_z_dim,
         "latents_mean": [0.0] * tiny.vae_z_dim,
         "latents_std": [1.0] * tiny.vae_z_dim,

@@ -116,6 +116,50 @@ def test_clip_replays_from_its_stored_spec(built):
         np.testing.assert_array_equal(c["style"], style)
 
 
+def test_builtin_pairs_styled_per_frame_or_under_the_motion(tmp_path):
+    """``per_frame``: a built-in pair's styled clip is its style applied to each rendered source frame (the test
+    clips' ground truth); ``motion``, and any pair not made by a built-in style, renders the style image."""
+    data = tmp_path / "data"
+    make_pairs(data)
+    shard = next((data / "pairs").glob("*.tar"))
+    samples = []
+    for i in range(2):  # the same images, marked as the pairs stage marks its built-in pairs
+        src, style = pair_images(i)
+        meta = {
+            "style": "sepia",
+            "caption": "Sepia style. x.",
+            "source_id": f"b{i}",
+            "source_kind": "builtin",
+        }
+        samples.append(
+            {
+                "__key__": f"sepia_b{i}",
+                "src.png": encode_png(src),
+                "style.png": encode_png(style),
+                "json": json.dumps(meta),
+            }
+        )
+    write_shards(samples, tmp_path / "extra", "pairs", 2)[0].rename(shard.with_name("pairs-000099.tar"))
+    for render in ("per_frame", "motion"):
+        params = make_params(data, quality="lossless", style_render=render, motion_mix={"zoom_in": 1})
+        build_clips(params)
+        clips = {c["key"]: c for c in iter_clips(data / "clips")}
+        for key, c in clips.items():
+            builtin = key.startswith("sepia_b")
+            i = int(c["meta"]["pair_key"][-1])
+            src, style = render_pair(*pair_images(i), c["meta"]["motion"], 5, 32, 48)
+            np.testing.assert_array_equal(c["src"], src)
+            if render == "per_frame" and builtin:
+                assert c["meta"]["style_render"] == "per_frame"
+                np.testing.assert_array_equal(c["style"], np.stack([apply_style("sepia", f) for f in src]))
+                assert not np.array_equal(c["style"], style)  # the frame's own vignette, not the image's
+            else:
+                assert c["meta"]["style_render"] == "motion"
+                np.testing.assert_array_equal(c["style"], style)
+        shutil.rmtree(data / "clips")
+        shutil.rmtree(data / "testclips")
+
+
 def test_test_clips_have_object_motion_and_exact_ground_truth(built):
     params, _ = built
     clips = list(iter_clips(Path(params.paths.data) / "testclips", "testclips"))
