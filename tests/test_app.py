@@ -176,7 +176,7 @@ def test_resolve_model(project, tmp_path: Path) -> None:
 def test_sampling_defaults_are_the_profiles_and_bad_values_are_named(project) -> None:
     base = project.params.sample
     sample = sample_from(base, {"steps": None, "t_guide": None})
-    assert (sample.steps, sample.t_guide, sample.c_guide) == (8, 1.0, 0.0)  # the tiny profile's
+    assert (sample.steps, sample.t_guide, sample.c_guide) == (3, 1.0, 0.0)  # the tiny profile's
     sample = sample_from(base, {"steps": 2, "guidance": "cfg", "negative_prompt": "  "})
     assert (sample.steps, sample.guidance, sample.negative_prompt) == (2, "cfg", None)
     with pytest.raises(AppError, match=r"^c_guide: must be finite$"):
@@ -298,7 +298,7 @@ def _stylize_in_page(page, clip: Path, tmp_path: Path, log: Path) -> None:
     page.wait_for_function("document.querySelector('#model input')?.value.includes('models:/')")
     page.click("#model input")
     page.get_by_role("option", name=f"models:/{MODEL}@challenger").click()
-    assert page.input_value("#steps input") == "8"  # the tiny profile's default
+    assert page.input_value("#steps input") == "3"  # the tiny profile's default
     page.fill("#steps input", "2")
     page.fill("#prompt textarea", PROMPT)
     page.set_input_files("#source input[type=file]", str(clip))

@@ -268,6 +268,6 @@ def test_reconstruct_through_the_cli_returns_the_source(tmp_path, models_dir, re
     frames, _ = read_video(out)
     source, _, _ = read_fitted(real_video, 64, 96, "crop", 9)
     assert frames.shape == source.shape == (9, 64, 96, 3)
-    # measured 18.67 dB on wolf.mp4 with the committed backbone (8 steps, the profile's sampling; the backbone
+    # measured 18.67 dB on wolf.mp4 with the committed backbone (at 8 steps, the profile's sampling then; the backbone
     # pretrained 4,000 steps: 16.98, and 16.71 on the generated pan); noise alone gives ~8 dB
     assert psnr(frames, source) >= 15.0
