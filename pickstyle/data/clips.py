@@ -185,6 +185,12 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
             style = decode_png(sample["style.png"], f"{where} style.png")
             if src.shape != style.shape:
                 raise ShardError(f"{where}: src {src.shape} and style {style.shape} differ in size")
+            style_id = meta.get("style", "")
+            per_frame = (
+                s["style_render"] == "per_frame"
+                and meta.get("source_kind") == "builtin"
+                and style_id in STYLES
+            )
             for v in keys[key]:
                 spec = draw_spec(
                     job_seed(s["seed"], key, v),
@@ -195,12 +201,6 @@ def _render_pairs(job: dict[str, Any]) -> dict[str, Any]:
                     photometric=s["photometric"],
                 )
                 src_clip, style_clip = render_pair(src, style, spec, s["frames"], s["height"], s["width"])
-                style_id = meta.get("style", "")
-                per_frame = (
-                    s.get("style_render") == "per_frame"
-                    and meta.get("source_kind") == "builtin"
-                    and style_id in STYLES
-                )
                 if per_frame:
                     # the style function at the frame's scale, frame by frame (as the test clips' ground truth)
                     style_clip = np.stack([apply_style(style_id, f) for f in src_clip])
