@@ -59,6 +59,7 @@ def build_wide_pipeline(folder: Path) -> PickStylePipeline:
         vae_base_dim=8,
         vae_dim_mult=[1, 2, 4, 4],  # Wan's 8x spatial, 4x temporal: 17 x 128 x 192 is 5 x 8 x 12 = 480 tokens
         vae_temporal_downsample=[False, True, True],
+        vae_framewise=False,  # Wan's VAE compresses time: clip-wise
         text_layers=1,
         text_heads=2,
         text_ffn_dim=64,

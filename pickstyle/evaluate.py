@@ -37,6 +37,7 @@ from pickstyle.metrics import (
     structure_ssim,
     warp_error_per_frame,
 )
+from pickstyle.model import latent_space
 from pickstyle.model.adapters import AdapterError, AdapterSet
 from pickstyle.model.components import backbone_path, ensure_backbone, load_pipeline, missing_files
 from pickstyle.model.pipeline import PickStylePipeline
@@ -156,7 +157,7 @@ def vae_roundtrip(pipe: Any, video: np.ndarray) -> np.ndarray:
     """The backbone VAE's reconstruction (encode mode, decode) of a uint8 ``[T, H, W, 3]`` video."""
     x = torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     x = x.to(pipe.vae.device, pipe.vae.dtype)
-    y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample[0]  # [3, T, H, W]
+    y = latent_space.vae_decode(pipe.vae, latent_space.vae_encode(pipe.vae, x).mode())[0]  # [3, T, H, W]
     y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return y.permute(1, 2, 3, 0).cpu().numpy()
 

@@ -23,6 +23,7 @@ from pickstyle.latents import (
     encode_clip,
     iter_latents,
 )
+from pickstyle.model import latent_space
 from pickstyle.model.components import load_pipeline, tiny_latent_geometry
 
 T, H, W = 9, 64, 96
@@ -88,6 +89,8 @@ def test_encode_clip_matches_the_pipelines_own_context(tiny_backbone: Path) -> N
     from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
 
     pipe = load_pipeline(tiny_backbone)
+    # diffusers' stock pipeline encodes clip-wise; the frame-wise path: tests/model/test_latent_space.py
+    latent_space.set_framewise(pipe.vae, False)
     src, style = _clip(2)
     out = encode_clip(pipe, src, style, "sepia style. a scene")
     frames = [Image.fromarray(f) for f in src]

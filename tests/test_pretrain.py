@@ -13,6 +13,7 @@ from pickstyle.data.scenes import draw_scene, render_scene
 from pickstyle.evaluate import vae_roundtrip
 from pickstyle.files import sha256_file
 from pickstyle.metrics import psnr
+from pickstyle.model import latent_space
 from pickstyle.model.components import load_pipeline
 from pickstyle.model.pipeline import PickStylePipeline
 from pickstyle.pretrain import (
@@ -45,8 +46,8 @@ def _test_scene(index: int = 0) -> np.ndarray:
 def test_committed_vae_reconstructs_a_test_clip(tiny_backbone: Path) -> None:
     pipe = load_pipeline(tiny_backbone)
     src = _test_scene(0)
-    # measured 25.2 dB on this clip with the committed backbone
-    assert psnr(vae_roundtrip(pipe, src), src) >= 25.0
+    # measured 26.6 dB on this clip with the committed backbone (frame-wise; 25.2 clip-wise)
+    assert psnr(vae_roundtrip(pipe, src), src) >= 26.0
 
 
 def test_committed_backbone_follows_its_context(tiny_backbone: Path) -> None:
@@ -58,13 +59,14 @@ def test_committed_backbone_follows_its_context(tiny_backbone: Path) -> None:
         "reconstruct. A rocket on its launch pad",
         height=src.shape[1],
         width=src.shape[2],
-        num_inference_steps=8,
+        num_inference_steps=3,  # the tiny profile's
         guidance="none",  # the backbone's own prediction, as the evaluation's `reconstruct` variant
         generator=torch.Generator().manual_seed(0),
     ).frames[0]
     out = (np.asarray(out) * 255).round().astype(np.uint8)
-    # measured 20.4 dB on this clip and seed with the committed backbone (eval/metrics.json: reconstruct/source_psnr)
-    assert psnr(out, src) >= 19.0
+    # measured 18.9 dB on this clip and seed with the committed backbone (19.4 with seed 1; the 10 test clips
+    # average 24.0, eval/metrics.json: reconstruct/source_psnr)
+    assert psnr(out, src) >= 18.0
 
 
 def test_holdout_style_is_never_pretrained() -> None:
@@ -98,6 +100,11 @@ def test_pretraining_never_reads_the_adapters_clip_settings() -> None:
     for phase in ("vae", "latents", "transformer"):
         assert _settings_key(wider, phase) == _settings_key(base, phase)
     assert _settings_key(wider, "decoder") != _settings_key(base, "decoder")
+    # the VAE phase trains clip-wise either way; frame-wise use changes the latent set and everything after it
+    clipwise = parse_params({"model": {"tiny": {"vae_framewise": not base.model.tiny.vae_framewise}}})
+    assert _settings_key(clipwise, "vae") == _settings_key(base, "vae")
+    for phase in ("latents", "transformer", "decoder"):
+        assert _settings_key(clipwise, phase) != _settings_key(base, phase)
 
 
 def _small(models: Path) -> dict:
@@ -145,6 +152,7 @@ def test_short_pretrain_is_deterministic_and_resumes_exactly(tmp_path: Path) -> 
     # and so the latent space the transformer learned, is the VAE phase's
     wide = load_pipeline(out).vae
     assert wide.config.decoder_base_dim == straight.model.tiny.vae_decoder_base_dim > wide.config.base_dim
+    assert latent_space.framewise(wide) == straight.model.tiny.vae_framewise  # saved in vae/config.json
     phase1 = torch.load(work_dir(pieces) / "vae.pt", weights_only=False)["model"]
     for name, tensor in wide.encoder.state_dict().items():
         torch.testing.assert_close(tensor, phase1[f"encoder.{name}"], rtol=0, atol=0)
@@ -184,5 +192,6 @@ def test_committed_vae_reconstructs_held_out_real_frames(tiny_backbone: Path) ->
     params = parse_params({})
     pipe = load_pipeline(tiny_backbone)
     result = footage_check(pipe, params, torch.device("cpu"))
-    # measured 23.72 dB (22.7 to 27.1 per clip; models/backbone/pickstyle_backbone.json, vae_psnr_heldout_footage)
-    assert result["mean"] >= 23.0, result
+    # measured 24.35 dB frame-wise (22.2 to 27.6 per clip; models/backbone/pickstyle_backbone.json,
+    # vae_psnr_heldout_footage; 23.47 clip-wise): issue 18 asks for 24
+    assert result["mean"] >= 24.0, result

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from pickstyle.config import Params, TinyBackbone
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_dir, resolve_device, write_json
+from pickstyle.model import latent_space
 
 #: The tiny backbone is "pretrained weights": its seed is fixed, not ``params.seed`` (a training knob).
 TINY_SEED = 0
@@ -240,7 +241,7 @@ def calibrate_vae(vae, videos: torch.Tensor) -> None:
         videos: ``[b, 3, f, h, w]`` in [-1, 1].
     """
     with torch.no_grad():
-        z = vae.encode(videos.to(vae.dtype)).latent_dist.mode().float()  # [b, z, f', h', w']
+        z = latent_space.vae_encode(vae, videos).mode().float()  # [b, z, f', h', w']
     mean = [round(float(v), 5) for v in z.mean(dim=(0, 2, 3, 4))]
     std = [round(max(float(v), 1e-3), 5) for v in z.std(dim=(0, 2, 3, 4))]
     vae.register_to_config(latents_mean=mean, latents_std=std)
@@ -265,6 +266,7 @@ def init_tiny_pipeline(tiny: TinyBackbone, seed: int = TINY_SEED):
         transformer = WanVACETransformer3DModel(**tiny_transformer_config(tiny))
     with _seeded(seed + 1):
         vae = AutoencoderKLWan(**tiny_vae_config(tiny))
+        latent_space.set_framewise(vae, tiny.vae_framewise)
         calibrate_vae(vae, _calibration_video())
     with _seeded(seed + 2):
         text_encoder = UMT5EncoderModel(tiny_text_config(tiny, len(tokenizer))).eval()
@@ -389,6 +391,9 @@ def check_tiny_backbone(path: str | Path, tiny: TinyBackbone) -> None:
     want = tiny_transformer_config(tiny)
     have = json.loads((path / "transformer" / "config.json").read_text())
     diff = [k for k, v in want.items() if json.loads(json.dumps(v)) != have.get(k)]
+    vae_config = json.loads((path / "vae" / "config.json").read_text())
+    if bool(vae_config.get(latent_space.FRAMEWISE_KEY, False)) != tiny.vae_framewise:
+        diff.append("vae_framewise")
     if diff:
         raise BackboneError(
             f"{path}: the tiny backbone was pretrained with other sizes than params model.tiny "

@@ -335,12 +335,30 @@ class PickStylePipeline(WanVACEPipeline):
             out = latents
         else:
             z = latent_space.denormalise(self.vae, latents)
-            out = self.vae.decode(z, return_dict=False)[0]
+            out = latent_space.vae_decode(self.vae, z)
             out = self.video_processor.postprocess_video(out, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (out,)
         return WanPipelineOutput(frames=out)
+
+    def prepare_video_latents(
+        self,
+        video: torch.Tensor,
+        mask: torch.Tensor,
+        reference_images: list[list[torch.Tensor]] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """``[inactive, reactive]`` latents of the context, as diffusers' ``WanVACEPipeline`` makes them; a
+        frame-wise VAE (:func:`~pickstyle.model.latent_space.framewise`) encodes each frame on its own."""
+        has_refs = any(r is not None for batch in reference_images or [] for r in batch)
+        if not latent_space.framewise(self.vae) or has_refs or mask is None:
+            return super().prepare_video_latents(video, mask, reference_images, generator, device)
+        mask = torch.where(mask > 0.5, 1.0, 0.0).to(video.dtype)
+        inactive = latent_space.encode(self.vae, video * (1 - mask))
+        reactive = latent_space.encode(self.vae, video * mask)
+        return torch.cat([inactive, reactive], dim=1).to(self.vae.dtype)
 
     def _predict(
         self,
