@@ -157,7 +157,7 @@ def vae_roundtrip(pipe: Any, video: np.ndarray) -> np.ndarray:
     """The backbone VAE's reconstruction (encode mode, decode) of a uint8 ``[T, H, W, 3]`` video."""
     x = torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     x = x.to(pipe.vae.device, pipe.vae.dtype)
-    y = latent_space.vae_decode(pipe.vae, latent_space.vae_encode(pipe.vae, x).mode())[0]  # [3, T, H, W]
+    y = latent_space.roundtrip(pipe.vae, x)[0]  # [3, T, H, W]
     y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return y.permute(1, 2, 3, 0).cpu().numpy()
 

@@ -6,9 +6,10 @@ paper's starting point in miniature, with the same diffusers classes and folder 
 1. **VAE** (``AutoencoderKLWan``): reconstructs frames, then short clips (L1). ``vae_texture_share`` of its images
    are procedural (:mod:`pickstyle.data.textures`: noise at many scales, gradients, patterns, shapes, strokes,
    text, jittered photo crops at any zoom), the rest built-in photo clips and scenes, so it reconstructs footage
-   it has never seen (:func:`footage_check`: held-out real photos), not only the ~8 built-in photos. With
-   ``model.tiny.vae_framewise`` (the default's) every frame is encoded and decoded on its own
-   (:func:`~pickstyle.model.latent_space.framewise`): the clip batches are then more frames, each under a motion.
+   it has never seen (:func:`footage_check`: held-out real photos), not only the ~8 built-in photos. It trains
+   clip-wise; with ``model.tiny.vae_framewise`` (the default's) it is then marked frame-wise
+   (:func:`~pickstyle.model.latent_space.framewise`): every later phase, and the backbone, encode and decode each
+   frame on its own.
 2. **Latent set**: ``pretrain.clips`` clips rendered once each (photo crops under ``pretrain.motion_mix`` camera
    motions, or procedural scenes), each with one task of ``pretrain.task_mix``, encoded with the trained VAE.
 3. **Transformer** (main *and* VACE blocks, flow matching) on those tasks, as Wan-VACE itself is pretrained
@@ -260,10 +261,6 @@ def train_vae(pipe: Any, params: Params, device: torch.device, log: Log, history
     latent_space.set_framewise(pipe.vae, params.model.tiny.vae_framewise)
 
 
-def _roundtrip(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    return latent_space.vae_decode(vae, latent_space.vae_encode(vae, x).mode())
-
-
 @torch.no_grad()
 def vae_check(pipe: Any, params: Params, device: torch.device, clips: int = 4) -> float:
     """Mean VAE reconstruction PSNR (dB) on ``clips`` procedural scenes that no phase trains on."""
@@ -274,7 +271,7 @@ def vae_check(pipe: Any, params: Params, device: torch.device, clips: int = 4) -
             phase_rng(params.pretrain.seed, 9, i), params, frames, None, CHECK_SCENE_OFFSET + i
         )
         x = to_video(src)[None].to(device)
-        y = _roundtrip(pipe.vae, x)
+        y = latent_space.roundtrip(pipe.vae, x)
         values.append(psnr(y, x))
     return float(np.mean(values))
 
@@ -286,7 +283,7 @@ def footage_check(pipe: Any, params: Params, device: torch.device) -> dict[str, 
     values = {}
     for name, clip in heldout_clips(p.frames, p.height, p.width):
         x = to_video(clip)[None].to(device)
-        y = _roundtrip(pipe.vae, x)
+        y = latent_space.roundtrip(pipe.vae, x)
         values[name] = round(psnr(y, x), 3)
     values["mean"] = round(float(np.mean(list(values.values()))), 3) if values else float("nan")
     return values

@@ -87,6 +87,11 @@ def vae_decode(vae: Any, z: torch.Tensor) -> torch.Tensor:
     return _unfold(vae.decode(_fold(z), return_dict=False)[0], z.shape[0])
 
 
+def roundtrip(vae: Any, videos: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction (encode mode, decode) of videos ``[b, 3, T, H, W]`` in [-1, 1]."""
+    return vae_decode(vae, vae_encode(vae, videos).mode())
+
+
 @torch.no_grad()
 def encode(vae: Any, videos: torch.Tensor) -> torch.Tensor:
     """Normalised VAE mode (fp32) of videos ``[b, 3, T, H, W]`` in [-1, 1], as the pipeline encodes its context."""
