@@ -47,8 +47,14 @@ demo: $(STAMP) ## run the whole pipeline on the embedded default: dvc repro (tin
 		&& echo "reproduced: dvc status clean, dvc.lock as committed" \
 		|| echo "note: outputs differ from the committed dvc.lock (see git diff dvc.lock)"
 
+# Two pytest-xdist workers, one test file each at a time (a file's module and session fixtures stay in one process):
+# most tests pin torch to one thread or wait on a subprocess or server, so two overlap on a 2-core machine.
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: browser $(STAMP) ## run the whole test suite, as CI does
-	$(BIN)/pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 # The web demo's browser test drives Debian's chromium (playwright, executable_path): installed here when missing.
 # Without root (or sudo) it warns, and only that test skips, saying why; under CI it fails instead.
@@ -63,7 +69,7 @@ app: $(STAMP) ## the web demo (Gradio) on http://127.0.0.1:7860: upload a video,
 	$(BIN)/pickstyle app
 
 test-fast: $(STAMP) ## the suite without the tests marked slow (end-to-end runs, subprocess kills, servers)
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check pickstyle flows tests bench

@@ -120,7 +120,8 @@ def test_register_versions_aliases_gate_tags_and_serving(
     md = registration_markdown(first)
     assert f"# Registered `{MODEL}` version 1" in md and "| promoted | True |" in md
 
-    client = MlflowClient(tracking.tracking_uri(params))
+    uri = tracking.tracking_uri(params)
+    client = MlflowClient(uri, registry_uri=uri)
     v1 = client.get_model_version(MODEL, "1")
     assert v1.tags["adapter_sha256"] == register.adapter_sha256(adapters["a"])
     assert v1.tags["prefect_flow_run_id"] == "flow-123"
@@ -240,7 +241,8 @@ def test_real_profiles_record_the_backbone_instead_of_copying_it(project, adapte
     )
     _put(params, adapters["a"], 20.0)
     out = register.register(params)
-    version = MlflowClient(tracking.tracking_uri(params)).get_model_version("real", str(out["version"]))
+    uri = tracking.tracking_uri(params)
+    version = MlflowClient(uri, registry_uri=uri).get_model_version("real", str(out["version"]))
     assert version.tags["backbone_path"] == str(backbone.resolve())
     assert version.tags["backbone_fingerprint"] == backbone_fingerprint(backbone)
     info = register.load_registered("models:/real@champion", params)

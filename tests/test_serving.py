@@ -149,7 +149,8 @@ def test_serving_example_works_and_metrics_are_one_table(registered) -> None:
     assert table["columns"] == ["group", "metric", "value", "se"]
     assert ["cs_cfg", "style_psnr", 20.0, 0.5] in table["data"]
     assert ["base", "warp_error", 0.01, None] in table["data"]
-    version = MlflowClient(registered["uri"]).get_model_version(MODEL, "1")
+    uri = registered["uri"]
+    version = MlflowClient(uri, registry_uri=uri).get_model_version(MODEL, "1")
     assert sorted(k for k in version.tags if k.startswith("eval.")) == [
         "eval.cs_cfg/style_psnr",
         "eval.cs_cfg/style_psnr_se",

@@ -85,7 +85,7 @@ def test_every_stage_end_to_end(
     assert summary["created"] and "champion" in summary["aliases"]
     uri = tracking_uri(params)
     assert uri.startswith("sqlite:////") and str(tmp_path) in uri
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     name = params.register.model_name
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == client.get_model_version_by_alias(name, "challenger").version

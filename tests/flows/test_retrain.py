@@ -177,6 +177,7 @@ def test_retrain_runs_a_real_dvc_experiment_and_registers(tmp_path: Path) -> Non
     assert run(*dvc, "exp", "list", "--name-only").split() == [result["experiment"]]
     # the experiment left the workspace as it was, and registered into the workspace's MLflow store
     assert not (work / "models" / "adapter").exists()
-    client = MlflowClient(tracking.tracking_uri(retrain.params_at(load_params(work / "params.yaml"), work)))
+    uri = tracking.tracking_uri(retrain.params_at(load_params(work / "params.yaml"), work))
+    client = MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version_by_alias("pickstyle-sepia", "champion")
     assert version.tags["adapter_sha256"]

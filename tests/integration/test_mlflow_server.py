@@ -113,7 +113,7 @@ def test_stages_log_to_a_tracking_server_and_another_folder_pulls_the_model(
     out = _run_stages(project, tiny_backbone, monkeypatch)
 
     # --- the three stages wrote through the server, nothing beside the project
-    client = MlflowClient(mlflow_server.url)
+    client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
     assert out["register"]["tracking_uri"] == mlflow_server.url and out["register"]["created"]
     for name in ("mlflow.db", "mlartifacts", "mlruns"):
         assert not (project / name).exists(), name

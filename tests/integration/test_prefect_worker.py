@@ -108,7 +108,7 @@ def test_a_run_scheduled_ahead_is_retrained_by_the_worker_and_registered(
     assert run.parameters == {**deployment.parameters, "style": "sepia", "steps": 2}
 
     # the retrain registered its adapter in the tracking server, tagged with this flow run
-    client = MlflowClient(mlflow_server.url)
+    client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert version.tags["prefect_parent_flow_run_id"] == str(run.id), version.tags
     assert version.tags["dvc_exp_name"].startswith("retrain-sepia-")

@@ -102,7 +102,9 @@ def test_framewise_needs_a_vae_without_temporal_compression() -> None:
 
     with pytest.raises(ValueError, match="vae_framewise"):
         TinyBackbone(vae_framewise=True, vae_temporal_downsample=[True])
-    vae = AutoencoderKLWan(**tiny_vae_config(TinyBackbone(vae_temporal_downsample=[True], vae_framewise=False)))
+    vae = AutoencoderKLWan(
+        **tiny_vae_config(TinyBackbone(vae_temporal_downsample=[True], vae_framewise=False))
+    )
     with pytest.raises(ValueError, match="frame-wise"):
         latent_space.set_framewise(vae, True)
     assert not latent_space.framewise(vae)
