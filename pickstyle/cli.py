@@ -171,7 +171,7 @@ def cmd_stylize(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "pretrain": (
         cmd_pretrain,
-        "stage 0 (tiny profile): pretrain the tiny Wan2.1-VACE from scratch into models/backbone (~90 min on 2 CPU cores)",
+        "stage 0 (tiny profile): pretrain the tiny Wan2.1-VACE from scratch into models/backbone (~2 h on 2 CPU cores)",
     ),
     "pairs": (cmd_pairs, "stage 1: build paired (source, style, caption) WebDataset shards in data/pairs"),
     "clips": (

@@ -357,6 +357,10 @@ class Pretrain(Section):
     batch_size: int = Field(default=2, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=100, ge=0)
+    #: A second cosine cycle of the transformer (warm restart, new batches) after ``steps``: its own phase and
+    #: checkpoint, so a longer pretraining resumes the first cycle (0 = none).
+    refine_steps: int = Field(default=5000, ge=0)
+    refine_lr: float = Field(default=4e-4, gt=0)
     #: AdamW weight decay of the transformer (the VAE and decoder phases use none).
     weight_decay: float = Field(default=0.01, ge=0)
     #: Training timestep shift of the pretraining (lower than the adapters' 5: small latents need less noise).

@@ -22,7 +22,8 @@ paper's starting point in miniature, with the same diffusers classes and folder 
 
    A style prompt *with* an RGB source context is never seen: it mostly returns the source, the content leak the
    context-style adapters fix. ``pretrain.holdout_styles`` appear in no phase: an adapter must learn them from
-   nothing.
+   nothing. After ``pretrain.steps``, a second cosine cycle (``refine_steps`` at ``refine_lr``, new batches) goes
+   on from there, its own checkpointed phase: lengthening pretraining resumes the finished first cycle.
 4. **Decoder**: the VAE decoder alone (encoder frozen, so the latent space stays) sharpened on clips.
 
 The UMT5 text encoder keeps its seeded random weights (a fixed feature map of the tokens). Every phase checkpoints
@@ -96,6 +97,7 @@ _PHASE_FIELDS = {
             "vae_warmup_steps", "vae_texture_share", "scene_share", "scene_objects", "motion_mix", "static_prob"),
     "latents": ("clips", "task_mix", "controls"),
     "transformer": ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "shift", "null_text_prob"),
+    "refine": ("refine_steps", "refine_lr"),
     "decoder": ("decoder_steps", "decoder_lr", "decoder_warmup_steps", "decoder_texture_share"),
 }  # fmt: skip
 
@@ -385,19 +387,31 @@ def _batch(data: dict[str, Any], zeros: torch.Tensor, mask_channels: int, params
 
 
 def train_transformer(
-    pipe: Any, data: dict[str, Any], params: Params, device: torch.device, log: Log, history: list[dict]
+    pipe: Any,
+    data: dict[str, Any],
+    params: Params,
+    device: torch.device,
+    log: Log,
+    history: list[dict],
+    refine: bool = False,
 ) -> None:
-    """Phase 3: flow matching of the whole transformer (main and VACE blocks) on the latent set."""
+    """Phase 3: flow matching of the whole transformer (main and VACE blocks) on the latent set.
+
+    With ``refine``, the same training continues for a second cosine cycle (a warm restart at
+    ``pretrain.refine_lr`` for ``pretrain.refine_steps``, on batches the first cycle never drew): its own phase and
+    checkpoint, so lengthening pretraining resumes the finished first cycle instead of redoing it.
+    """
     cfg = params.pretrain
     model = pipe.transformer
     p = params.active
     # Normalised VAE(zeros), exactly as the pipeline makes the context's inactive half.
     zeros = latent_space.zeros_latent(pipe.vae, (1, 3, p.frames, p.height, p.width), device)[0].cpu()
     mask_channels = model.config.vace_in_channels - 2 * zeros.shape[0]
+    offset = cfg.steps if refine else 0
 
     def step_fn(step: int):
         latents, contexts, texts, noise, sigmas = (
-            t.to(device) for t in _batch(data, zeros, mask_channels, params, step)
+            t.to(device) for t in _batch(data, zeros, mask_channels, params, offset + step)
         )
         pred = model(
             hidden_states=add_noise(latents, noise, sigmas),
@@ -409,11 +423,11 @@ def train_transformer(
         return flow_matching_loss(pred, latents, noise), None
 
     phase = Phase(
-        name="transformer",
+        name="refine" if refine else "transformer",
         module=model,
         trainable=list(model.parameters()),
-        steps=cfg.steps,
-        lr=cfg.lr,
+        steps=cfg.refine_steps if refine else cfg.steps,
+        lr=cfg.refine_lr if refine else cfg.lr,
         warmup=cfg.warmup_steps,
         step_fn=step_fn,
         weight_decay=cfg.weight_decay,
@@ -493,7 +507,16 @@ def _write_curves(folder: Path, history: list[dict]) -> None:
     )
     for ax, phase, label in panels:
         rows = [r for r in history if r["phase"] == phase]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="first cycle")
+        if phase == "transformer":
+            # the second cycle (warm restart) continues the step axis after the first
+            offset = rows[-1]["step"] if rows else 0
+            refine = [r for r in history if r["phase"] == "refine"]
+            if refine:
+                ax.plot(
+                    [offset + r["step"] for r in refine], [r["loss"] for r in refine], label="second cycle"
+                )
+                ax.legend(fontsize=7)
         ax.set_title(f"pretrain: {label}")
         ax.set_xlabel("step")
         ax.set_yscale("log")
@@ -509,8 +532,8 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     Args:
         params: The parameters (``pretrain``, ``model.tiny``, the tiny profile's geometry).
         log: Where progress lines go.
-        until: Stop after this phase (``vae``, ``latents`` or ``transformer``), keeping its checkpoint;
-            ``None`` = all.
+        until: Stop after this phase (``vae``, ``latents`` or ``transformer``, its second cycle included),
+            keeping its checkpoint; ``None`` = all.
 
     Returns:
         A summary: phases' final losses, VAE PSNR on unseen scenes, seconds, the output folder.
@@ -537,6 +560,7 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
     if until == "latents":
         return {"vae_psnr": vae_psnr, "clips": len(data["captions"])}
     train_transformer(pipe, data, params, device, log, history)
+    train_transformer(pipe, data, params, device, log, history, refine=True)
     if until == "transformer":
         return {"vae_psnr": vae_psnr, "clips": len(data["captions"])}
     del data
@@ -561,7 +585,7 @@ def pretrain(params: Params, log: Log = print, until: str | None = None) -> dict
         "controls": list(cfg.controls),
         "final_loss": {
             p: next((r["loss"] for r in reversed(history) if r["phase"] == p), None)
-            for p in ("vae", "transformer", "decoder")
+            for p in ("vae", "transformer", "refine", "decoder")
         },
         "parameters": {
             name: sum(p.numel() for p in getattr(pipe, name).parameters())

@@ -95,6 +95,12 @@ def test_pretraining_never_reads_the_adapters_clip_settings() -> None:
     assert _settings_key(steps, "vae") == _settings_key(base, "vae")
     assert _settings_key(steps, "latents") == _settings_key(base, "latents")
     assert _settings_key(steps, "transformer") != _settings_key(base, "transformer")
+    # a longer second cycle resumes the finished first one (and redoes the decoder, trained after it)
+    refine = parse_params({"pretrain": {"refine_steps": 7}})
+    for phase in ("vae", "latents", "transformer"):
+        assert _settings_key(refine, phase) == _settings_key(base, phase)
+    for phase in ("refine", "decoder"):
+        assert _settings_key(refine, phase) != _settings_key(base, phase)
     # the decoder's width is the decoder phase's alone
     wider = parse_params({"model": {"tiny": {"vae_decoder_base_dim": 40}}})
     for phase in ("vae", "latents", "transformer"):
@@ -117,6 +123,7 @@ def _small(models: Path) -> dict:
             "vae_batch": 4,
             "clips": 8,
             "steps": 3,
+            "refine_steps": 2,
             "warmup_steps": 1,
             "decoder_steps": 2,
             "log_every": 1,
@@ -134,6 +141,7 @@ def test_short_pretrain_is_deterministic_and_resumes_exactly(tmp_path: Path) -> 
     out = Path(summary["backbone"])
     assert (out / "model_index.json").is_file() and (out / "pretrain_loss.png").is_file()
     assert summary["holdout_styles"] == ["sepia"]
+    assert summary["final_loss"]["refine"] is not None  # the transformer's second cycle ran
 
     # the same run in pieces: stop after the VAE, then after the latent set, then finish
     pieces = parse_params(_small(tmp_path / "b"))

@@ -28,17 +28,17 @@ def test_committed_metrics_are_the_pipelines() -> None:
 
 #: Style PSNR gain (dB) of each style's adapter over the backbone alone, measured by this round's ``dvc repro``
 #: (10 test clips, 2 per style; built-in pairs styled per frame in full chroma, lr 2e-3, 3 sampling steps; the
-#: backbone's VAE frame-wise).
-MEASURED_GAIN_OVER_BASE = {"anime": 1.19, "pixel": 1.04, "sepia": 5.51, "sketch": 1.49, "watercolor": 2.42}
+#: backbone's VAE frame-wise, its transformer pretrained in two cosine cycles).
+MEASURED_GAIN_OVER_BASE = {"anime": 0.98, "pixel": 1.46, "sepia": 4.78, "sketch": 1.65, "watercolor": 2.28}
 
 
 def test_adapter_beats_the_backbone_alone(metrics: dict[str, float]) -> None:
-    # measured: +2.33 dB on average (the tiny profile samples with t_g 1, c_g 0, so CS-CFG is the adapter's own
+    # measured: +2.23 dB on average (the tiny profile samples with t_g 1, c_g 0, so CS-CFG is the adapter's own
     # conditional prediction and equals ``noguide``)
     gain = metrics["cs_cfg/style_psnr"] - metrics["base/style_psnr"]
-    assert gain >= 2.33 / 2, gain
+    assert gain >= 2.23 / 2, gain
     gain = metrics["noguide/style_psnr"] - metrics["base_noguide/style_psnr"]
-    assert gain >= 2.33 / 2, gain  # without guidance too (issue 18)
+    assert gain >= 2.23 / 2, gain  # without guidance too (issue 18)
 
 
 @pytest.mark.parametrize("style", sorted(MEASURED_GAIN_OVER_BASE))
@@ -48,14 +48,14 @@ def test_every_styles_adapter_beats_the_backbone(metrics: dict[str, float], styl
 
 
 def test_adapter_learns_the_style_the_backbone_never_saw(metrics: dict[str, float]) -> None:
-    # sepia is held out of pretraining: only the adapter can have learned it (measured +5.51 dB over the base,
-    # +4.10 over the unchanged input)
+    # sepia is held out of pretraining: only the adapter can have learned it (measured +4.78 dB over the base,
+    # +3.79 over the unchanged input)
     gain = metrics["style/sepia/cs_cfg/style_psnr"] - metrics["style/sepia/identity/style_psnr"]
-    assert gain >= 4.10 / 2, gain
+    assert gain >= 3.79 / 2, gain
 
 
 def test_backbone_reconstructs_and_follows_its_context(metrics: dict[str, float]) -> None:
     assert metrics["vae/source_psnr"] >= 26.0  # measured 26.66 frame-wise (25.26 clip-wise)
-    # measured 24.01 at the tiny profile's 3 sampling steps (clip-wise VAE: 23.89; pretrained 4,000 steps: 19.37);
-    # issue 18 asks for 24
+    # measured 24.89 at the tiny profile's 3 sampling steps (one cosine cycle: 24.01; clip-wise VAE: 23.89;
+    # pretrained 4,000 steps: 19.37); issue 18 asks for 24
     assert metrics["reconstruct/source_psnr"] >= 24.0
