@@ -613,7 +613,7 @@ params = parse_params({
     },
 })
 summary = tr.train(params)
-print("WORLD", summary["world_size"])
+sys.stdout.write(f"WORLD {summary['world_size']}\\n")  # one write: two ranks share the pipe
 """
 
 

@@ -54,8 +54,13 @@ if os.environ.get("FSDP_ON_CPU") == "1":
 import pickstyle.model.trainable as trainable
 _empty = trainable.empty_transformer
 
+def say(line):
+    # one write per line: both ranks print to one unbuffered pipe, and print() writes its pieces one by one
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
 def spy(*args):
-    print("EMPTY MODEL ON RANK", os.environ["RANK"], flush=True)
+    say(f"EMPTY MODEL ON RANK {os.environ['RANK']}")
     return _empty(*args)
 
 trainable.empty_transformer = spy
@@ -70,7 +75,7 @@ params = parse_params({
     },
 })
 summary = tr.train(params)
-print("TRAINED", AcceleratorState().distributed_type, summary["start_step"], summary["steps"], flush=True)
+say(f"TRAINED {AcceleratorState().distributed_type} {summary['start_step']} {summary['steps']}")
 """
 
 
