@@ -97,6 +97,21 @@ def draw_noise(
     return sigmas, noise
 
 
+def frame_window(
+    window: int | None, generator: torch.Generator, *videos: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The same random window of ``window`` latent frames (dim 2) of every ``[b, c, f, h, w]`` tensor of one
+    step, its start drawn from the run's generator; all frames when ``window`` is null or covers the clip.
+
+    A step on w of f frames costs about w/f of a whole-clip step (attention less still), so the same time buys
+    more steps; the windows start anywhere, so every frame (and its rotary position 0 .. w-1) is trained."""
+    frames = videos[0].shape[2]
+    if not window or window >= frames:
+        return videos
+    start = int(torch.randint(frames - window + 1, (1,), generator=generator))
+    return tuple(v[:, :, start : start + window] for v in videos)
+
+
 # --- the data of one step ------------------------------------------------------------------------------------
 
 
@@ -168,7 +183,8 @@ class _FitProbe:
 
     The training loss is one clip at one random σ per step, noise far larger than what the adapter changes; the
     probe scores the same clips with the same noise every ``train.fit_every`` steps (and the backbone alone once,
-    the curve's reference), so the curve shows whether the adapter is learning its pairs at all.
+    the curve's reference), so the curve shows whether the adapter is learning its pairs at all. With
+    ``train.frame_window`` it scores the clips' first window, the length a step trains on.
     """
 
     batches: list[dict[str, Any]]
@@ -185,6 +201,14 @@ class _FitProbe:
         )
         generator = torch.Generator().manual_seed(params.seed + 1)
         batches = [collate([decode_latents(next(stream))]) for _ in range(params.train.fit_clips)]
+        # As a step sees them: the first ``train.frame_window`` frames (the training's clip length and cost).
+        window = params.train.frame_window
+        batches = [
+            {**b, "latents": b["latents"][:, :, :window], "context": b["context"][:, :, :window]}
+            if window
+            else b
+            for b in batches
+        ]
         noises = [[torch.randn(b["latents"].shape, generator=generator) for _ in FIT_SIGMAS] for b in batches]
         return cls(batches, noises)
 
@@ -748,6 +772,7 @@ def _micro_step(
         prompt_embeds = torch.where(drop.to(device)[:, None, None], null, prompt_embeds)
     sigmas, noise = draw_noise(batch["keys"], tuple(latents.shape), t.shift, generator)
     noise = noise.to(device)
+    latents, context, noise = frame_window(t.frame_window, generator, latents, context, noise)
     weights = bell_weights(sigmas, t.shift) if t.weighting == "bell" else torch.ones_like(sigmas)
     sigmas, weights = sigmas.to(device), weights.to(device)
     offload = (

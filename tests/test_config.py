@@ -84,21 +84,23 @@ def test_training_defaults_are_the_profiles():
     """Null train.lr/lr_schedule/shift/weighting take the profile's: the paper's on the real profiles, the tiny
     profile's measured ones (README: Two commands)."""
     tiny, real = parse_params({}).train, parse_params({"profile": "wan-1.3b"}).train
-    assert (tiny.lr, tiny.lr_schedule, tiny.shift, tiny.weighting, tiny.steps) == (
+    assert (tiny.lr, tiny.lr_schedule, tiny.shift, tiny.weighting, tiny.steps, tiny.frame_window) == (
         2e-3,
         "cosine",
         12.0,
         "none",
-        300,
+        650,
+        3,
     )
-    # one adapter per style on the tiny profile (300 steps each), the paper's one for all on the real ones
+    # one adapter per style on the tiny profile (650 steps each), the paper's one for all on the real ones
     assert (tiny.adapters, parse_params({"profile": "wan-1.3b"}).train.adapters) == ("per_style", "joint")
-    assert (real.lr, real.lr_schedule, real.shift, real.weighting, real.steps) == (
+    assert (real.lr, real.lr_schedule, real.shift, real.weighting, real.steps, real.frame_window) == (
         5.6e-4,
         "constant",
         5.0,
         "bell",
         3000,
+        None,
     )
     mine = parse_params({"profile": "wan-1.3b", "train": {"shift": 3.0, "lr_schedule": "cosine"}}).train
     assert (mine.shift, mine.lr_schedule, mine.weighting) == (3.0, "cosine", "bell")

@@ -213,3 +213,69 @@ def test_evaluate_uses_each_clips_style_adapter(tmp_path, tiny_backbone, monkeyp
     random_style_adapters(tiny_backbone, adapter, ("anime", "pixel"))
     with pytest.raises(ev.EvaluationError, match="no 'sepia' adapter"):
         ev.evaluate(params)
+
+
+def test_sampling_keys_share_only_identical_runs():
+    """At t_g 1, c_g 0 (the tiny profile's) every guided mode is the conditional prediction: cfg, cfg_joint and
+    cs_cfg share noguide's run, base shares base_noguide's; the paper's scales keep them all apart."""
+    from pickstyle.config import Sample
+
+    prompt = "Sepia style. an astronaut"
+    variants = ("reconstruct", "base_noguide", "base", "noguide", "cfg", "cfg_joint", "cs_cfg")
+
+    def groups(sample: Sample) -> list[set[str]]:
+        keys: dict[tuple, set[str]] = {}
+        for v in variants:
+            keys.setdefault(ev.sampling_key(sample, v, prompt), set()).add(v)
+        return sorted(keys.values(), key=sorted)
+
+    assert groups(Sample(steps=3, t_guide=1.0, c_guide=0.0)) == [
+        {"base", "base_noguide"},
+        {"cfg", "cfg_joint", "cs_cfg", "noguide"},
+        {"reconstruct"},
+    ]
+    assert groups(Sample(steps=3, t_guide=5.0, c_guide=4.0)) == [{v} for v in sorted(variants)]
+    assert groups(Sample(steps=3, t_guide=1.0, c_guide=4.0)) == [
+        {"base", "base_noguide"},
+        {"cfg", "cfg_joint", "noguide"},
+        {"cs_cfg"},
+        {"reconstruct"},
+    ]
+    one = Sample(steps=3, t_guide=1.0, c_guide=0.0)
+    assert ev.sampling_key(one, "cs_cfg", prompt) != ev.sampling_key(one, "cs_cfg", "Anime style. x")
+    assert ev.sampling_key(one, "cs_cfg", prompt) != ev.sampling_key(
+        one.model_copy(update={"steps": 2}), "cs_cfg", prompt
+    )
+
+
+def test_shared_runs_are_the_same_bits(tmp_path, tiny_backbone, monkeypatch):
+    """Sharing is exact: each variant run on its own gives the shared output bit for bit, and the evaluation
+    runs one sampling per group."""
+    from pickstyle import tracking
+    from pickstyle.config import parse_params
+    from tests.projects import random_adapter
+
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_backbone, tmp_path / "models" / "backbone")
+    _write_test_clips(tmp_path / "data", n=1)
+    random_adapter(tiny_backbone, tmp_path / "models" / "adapter", seed=1)
+    variants = ["base_noguide", "base", "noguide", "cfg", "cfg_joint", "cs_cfg"]
+    params = parse_params(
+        {"evaluate": {"sample": {"steps": 2, "t_guide": 1.0, "c_guide": 0.0}, "variants": variants}}
+    )
+    model = ev._load_pipeline(params, "cpu")
+    clip = next(iter(ev._iter_test_clips(params)))
+    alone = {v: ev._stylize(model, v, clip, params.evaluate.sample, params.seed) for v in variants}
+    for group in (("base", "base_noguide"), ("cfg", "cfg_joint", "cs_cfg", "noguide")):
+        assert all(np.array_equal(alone[v], alone[group[0]]) for v in group)
+    assert not np.array_equal(alone["base"], alone["cs_cfg"])  # the adapter does change the output
+
+    calls = []
+    stylize = ev._stylize
+    monkeypatch.setattr(ev, "_stylize", lambda *a: calls.append(a[1]) or stylize(*a))
+    ev.evaluate(params)
+    assert sorted(calls) == ["base_noguide", "noguide"]  # the first variant of each group runs
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["cs_cfg/style_psnr"] == metrics["noguide/style_psnr"] != metrics["base/style_psnr"]

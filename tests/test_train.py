@@ -285,6 +285,60 @@ def test_caption_dropout_swaps_in_the_null_text(workdir):
     assert dropped != loss(0.0, batch["prompt_embeds"])
 
 
+def test_frame_window_cuts_the_same_frames_of_every_tensor():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 9, 2, 2, generator=g), torch.randn(2, 5, 9, 2, 2, generator=g)
+    for whole in (None, 0, 9, 12):
+        assert tr.frame_window(whole, g, a, b) == (a, b)
+    starts = set()
+    for seed in range(40):
+        wa, wb = tr.frame_window(5, torch.Generator().manual_seed(seed), a, b)
+        assert wa.shape == (2, 3, 5, 2, 2) and wb.shape == (2, 5, 5, 2, 2)
+        start = next(s for s in range(5) if torch.equal(wa, a[:, :, s : s + 5]))
+        assert torch.equal(wb, b[:, :, start : start + 5])  # the same window of target and context
+        starts.add(start)
+    assert starts == set(range(5))  # every start, so every frame is trained
+
+
+def test_frame_window_is_the_profiles_and_trains_on_the_window(workdir):
+    """The tiny profile trains on 5-frame windows of its 9-frame clips (the real ones on whole clips); the
+    step's loss is the loss of that window of target, context and noise."""
+    root, models = workdir
+    assert _params(root, models).train.frame_window == 3
+    assert parse_params({"profile": "wan-1.3b"}).train.frame_window is None
+    transformer, _ = build_trainable(_params(root, models), "cpu", "cached")
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "latents": torch.randn(1, Z, F, H, W, generator=g),
+        "context": torch.randn(1, C, F, H, W, generator=g),
+        "prompt_embeds": torch.randn(1, L, D, generator=g),
+        "keys": ["clip0"],
+    }
+    scale = torch.ones(len(transformer.config.vace_layers))
+
+    def loss(params: Params, batch: dict, gen: torch.Generator) -> float:
+        with torch.no_grad():
+            return float(
+                tr._micro_step(
+                    transformer, batch, params, scale, gen, torch.device("cpu"), torch.float32, False
+                )
+            )
+
+    windowed = loss(_params(root, models), batch, torch.Generator().manual_seed(1))
+    # By hand: the same draws (σ, ε over the whole clip, then the window's start), the window cut out.
+    gen = torch.Generator().manual_seed(1)
+    sigmas, noise = tr.draw_noise(["clip0"], (1, Z, F, H, W), _params(root, models).train.shift, gen)
+    start = int(torch.randint(F - 3 + 1, (1,), generator=gen))
+    cut = {k: v[:, :, start : start + 3] for k, v in batch.items() if k in ("latents", "context")}
+    pred = tr._predict(
+        transformer, cut["latents"], noise[:, :, start : start + 3], sigmas, batch["prompt_embeds"], cut["context"],
+        scale,
+    )  # fmt: skip
+    expected = fm.flow_matching_loss(pred, cut["latents"], noise[:, :, start : start + 3])
+    assert windowed == pytest.approx(float(expected.detach()))
+    assert windowed != loss(_params(root, models, frame_window=0), batch, torch.Generator().manual_seed(1))
+
+
 def test_resume_is_bit_identical(workdir, tmp_path: Path):
     root, models = workdir
     _random_latents(root / "data", n=6, shard_size=3)

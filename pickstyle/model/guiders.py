@@ -182,7 +182,13 @@ def make_guider(mode: str, **settings) -> Guider:
     """
     if mode not in GUIDERS:
         raise ValueError(f"unknown guidance {mode!r}: expected one of {tuple(GUIDERS)}")
-    t_guide, c_guide = settings.get("t_guide", 5.0), settings.get("c_guide", 4.0)
-    if t_guide == 1 and (mode in ("cfg", "cfg_joint") or (mode == "cs_cfg" and c_guide == 0)):
-        mode = "none"
+    mode = effective_mode(mode, settings.get("t_guide", 5.0), settings.get("c_guide", 4.0))
     return GUIDERS[mode](**settings)
+
+
+def effective_mode(mode: str, t_guide: float, c_guide: float) -> str:
+    """The guidance ``mode`` actually runs under these scales: ``none`` where it reduces to the conditional
+    prediction alone (``cfg``/``cfg_joint`` at t_g = 1, ``cs_cfg`` at t_g = 1 and c_g = 0), else ``mode``."""
+    if t_guide == 1 and (mode in ("cfg", "cfg_joint") or (mode == "cs_cfg" and c_guide == 0)):
+        return "none"
+    return mode
