@@ -162,7 +162,9 @@ class Profile(Section):
     #: adapter wherever its last steps pushed it, ±0.3 dB between neighbouring step counts).
     train_lr_schedule: Literal["constant", "cosine"] = "constant"
     #: Latent frames per training step when ``train.frame_window`` is null (null = the whole clip, the paper):
-    #: a random window of each clip, so the same time buys more steps.
+    #: a random window of each clip, so the same time buys more steps. The tiny VAE keeps time (a latent frame is
+    #: a frame); Wan's compresses it 4x after a 1-frame first latent, which a window starting later lacks, so the
+    #: real profiles train on whole clips.
     train_frame_window: int | None = Field(default=None, ge=1)
     #: Gradient checkpointing (main and VACE blocks) when ``train.gradient_checkpointing`` is null: at 81x480x832
     #: the 1.3B keeps ~105 GiB of activations without it, ~15-20 GiB with it (docs/method.md §4).
