@@ -256,17 +256,22 @@ def test_only_lora_params_require_grad(workdir):
     assert any(p.grad.abs().sum() > 0 for n, p in transformer.named_parameters() if n in trainable)
 
 
-def test_caption_dropout_swaps_in_the_null_text(workdir):
-    """With train.caption_dropout = 1 every caption is the null text: the prompt no longer matters."""
-    root, models = workdir
-    transformer, _ = build_trainable(_params(root, models), "cpu", "cached")
-    g = torch.Generator().manual_seed(0)
-    batch = {
+def _random_batch(g: torch.Generator) -> dict:
+    """One random clip's batch as the latents stage's stream gives it (target, context, prompt, key)."""
+    return {
         "latents": torch.randn(1, Z, F, H, W, generator=g),
         "context": torch.randn(1, C, F, H, W, generator=g),
         "prompt_embeds": torch.randn(1, L, D, generator=g),
         "keys": ["clip0"],
     }
+
+
+def test_caption_dropout_swaps_in_the_null_text(workdir):
+    """With train.caption_dropout = 1 every caption is the null text: the prompt no longer matters."""
+    root, models = workdir
+    transformer, _ = build_trainable(_params(root, models), "cpu", "cached")
+    g = torch.Generator().manual_seed(0)
+    batch = _random_batch(g)
     null = torch.randn(L, D, generator=g)
     scale = torch.ones(len(transformer.config.vace_layers))
 
@@ -301,19 +306,13 @@ def test_frame_window_cuts_the_same_frames_of_every_tensor():
 
 
 def test_frame_window_is_the_profiles_and_trains_on_the_window(workdir):
-    """The tiny profile trains on 5-frame windows of its 9-frame clips (the real ones on whole clips); the
+    """The tiny profile trains on 3-frame windows of its 9-frame clips (the real ones on whole clips); the
     step's loss is the loss of that window of target, context and noise."""
     root, models = workdir
     assert _params(root, models).train.frame_window == 3
     assert parse_params({"profile": "wan-1.3b"}).train.frame_window is None
     transformer, _ = build_trainable(_params(root, models), "cpu", "cached")
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "latents": torch.randn(1, Z, F, H, W, generator=g),
-        "context": torch.randn(1, C, F, H, W, generator=g),
-        "prompt_embeds": torch.randn(1, L, D, generator=g),
-        "keys": ["clip0"],
-    }
+    batch = _random_batch(torch.Generator().manual_seed(0))
     scale = torch.ones(len(transformer.config.vace_layers))
 
     def loss(params: Params, batch: dict, gen: torch.Generator) -> float:
