@@ -471,7 +471,7 @@ class Train(Section):
     #: sampler's ∅): the adapter then also learns the unconditional branch CFG contrasts with.
     caption_dropout: float = Field(default=0.1, ge=0, le=1)
     #: Train on a random window of this many latent frames of each clip (the same window of target, context
-    #: and noise; a step costs about window/frames of a whole clip's); null = the profile's
+    #: and noise; a step costs less: 3 of 9 frames about half); null = the profile's
     #: ``train_frame_window`` (tiny 3 of 9, real: the whole clip). 0 = the whole clip.
     frame_window: int | None = Field(default=None, ge=0)
     #: Recompute block activations in the backward pass (main and VACE blocks); null = the profile's (real: on).

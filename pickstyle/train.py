@@ -103,8 +103,8 @@ def frame_window(
     """The same random window of ``window`` latent frames (dim 2) of every ``[b, c, f, h, w]`` tensor of one
     step, its start drawn from the run's generator; all frames when ``window`` is null or covers the clip.
 
-    A step on w of f frames costs about w/f of a whole-clip step (attention less still), so the same time buys
-    more steps; the windows start anywhere, so every frame (and its rotary position 0 .. w-1) is trained."""
+    A step on w of f frames costs less than a whole-clip step (3 of 9: about half; per-step overheads stay), so
+    the same time buys more steps; the windows start anywhere, so every frame (and its rotary position 0 .. w-1) is trained."""
     frames = videos[0].shape[2]
     if not window or window >= frames:
         return videos
