@@ -212,6 +212,44 @@ class Profile(Section):
 TINY_LORA_TARGETS = r"vace_blocks\.\d+\.(?:attn1\.to_(?:q|k|v|out\.0)|attn2\.to_(?:q|k|v|out\.0)|ffn\.net\.(?:0\.proj|2)|proj_out)"
 
 
+#: Profile fields every stage that reads the profile depends on: the backbone kind and the clip geometry.
+PROFILE_GEOMETRY = ("backbone", "frames", "height", "width", "fps")
+
+#: ``(section, key)``: the profile field a null key takes (resolved once, by :class:`Params`).
+PROFILE_DEFAULTS = {
+    ("train", "adapters"): "adapters",
+    ("train", "steps"): "train_steps",
+    ("train", "lr"): "train_lr",
+    ("train", "lr_schedule"): "train_lr_schedule",
+    ("train", "shift"): "train_shift",
+    ("train", "weighting"): "train_weighting",
+    ("train", "gradient_checkpointing"): "gradient_checkpointing",
+    ("train", "frame_window"): "train_frame_window",
+    ("train", "lora_targets"): "lora_targets",
+    ("clips", "variants"): "clip_variants",
+    ("clips", "flip_prob"): "flip_prob",
+    ("clips", "chroma"): "chroma",
+    ("clips", "style_render"): "style_render",
+    ("sample", "steps"): "sample_steps",
+    ("sample", "t_guide"): "sample_t_guide",
+    ("sample", "c_guide"): "sample_c_guide",
+}
+
+#: Profile fields read through a ``Params`` property where a section key is null (``lora_rank``, ``lora_alpha``).
+PROFILE_PROPERTIES = {"train": ("lora_rank", "lora_alpha")}
+
+
+def profile_fields(*sections: str) -> list[str]:
+    """The profile fields a stage reading ``sections`` depends on: the geometry, then the defaults of those
+    sections' null keys. ``dvc.yaml`` lists exactly these per stage (tests/test_dvc_params.py), so tuning, say,
+    ``sample_steps`` reruns the evaluation but not the clips, latents or training."""
+    fields = list(PROFILE_GEOMETRY)
+    for section in sections:
+        fields += [f for (s, _), f in PROFILE_DEFAULTS.items() if s == section]
+        fields += PROFILE_PROPERTIES.get(section, ())
+    return fields
+
+
 def _default_profiles() -> dict[str, Profile]:
     return {
         "tiny": Profile(
@@ -574,25 +612,7 @@ class Params(Section):
         # Keys left null take the active profile's default, resolved once here so every stage reads plain values
         # (and MLflow/DVC see the value that ran, not "null").
         profile = self.profiles[self.profile]
-        defaults = {  # (section, key): the profile's field
-            ("train", "adapters"): "adapters",
-            ("train", "steps"): "train_steps",
-            ("train", "lr"): "train_lr",
-            ("train", "lr_schedule"): "train_lr_schedule",
-            ("train", "shift"): "train_shift",
-            ("train", "weighting"): "train_weighting",
-            ("train", "gradient_checkpointing"): "gradient_checkpointing",
-            ("train", "frame_window"): "train_frame_window",
-            ("train", "lora_targets"): "lora_targets",
-            ("clips", "variants"): "clip_variants",
-            ("clips", "flip_prob"): "flip_prob",
-            ("clips", "chroma"): "chroma",
-            ("clips", "style_render"): "style_render",
-            ("sample", "steps"): "sample_steps",
-            ("sample", "t_guide"): "sample_t_guide",
-            ("sample", "c_guide"): "sample_c_guide",
-        }
-        for (section, key), field in defaults.items():
+        for (section, key), field in PROFILE_DEFAULTS.items():
             if getattr(getattr(self, section), key) is None:
                 setattr(getattr(self, section), key, getattr(profile, field))
         own = self.evaluate.sample.model_dump(exclude_none=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -85,6 +86,89 @@ def test_stages_read_only_the_selected_profile():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     for name, stage in spec["stages"].items():
         assert "profiles" not in stage["params"], f"{name} depends on every profile"
+
+
+#: The sections whose null keys a stage resolves from the profile (the rest of a stage's params are its own).
+_PROFILE_SECTIONS = {"train", "clips", "sample"}
+
+
+def test_stages_list_exactly_the_profile_fields_they_read():
+    """Each stage lists the geometry and the profile defaults of the sections it lists, one by one: tuning
+    ``sample_steps`` must not re-run the training, nor ``train_steps`` the clips."""
+    from pickstyle.config import profile_fields
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    prefix = "profiles.${profile}"
+    for name, stage in spec["stages"].items():
+        params = stage.get("params", [])
+        assert prefix not in params, f"{name} lists the whole profile"
+        listed = [p.removeprefix(prefix + ".") for p in params if p.startswith(prefix + ".")]
+        if not listed:
+            continue
+        sections = [p for p in params if p in _PROFILE_SECTIONS]
+        assert listed == profile_fields(*sections), name
+
+
+def test_every_profile_field_is_geometry_a_default_or_a_property():
+    """A new ``Profile`` field must be placed in one of the three (and so in dvc.yaml's lists)."""
+    from pickstyle.config import PROFILE_DEFAULTS, PROFILE_GEOMETRY, PROFILE_PROPERTIES, Profile
+
+    placed = [*PROFILE_GEOMETRY, *PROFILE_DEFAULTS.values(), *(f for v in PROFILE_PROPERTIES.values() for f in v)]
+    assert sorted(placed) == sorted(Profile.model_fields)
+
+
+def test_code_reads_only_geometry_from_the_profile_directly():
+    """Outside config.py, code reads the active profile's geometry only; everything else goes through the
+    resolved sections (or the train properties), which is what dvc.yaml's per-stage lists assume."""
+    import re
+
+    from pickstyle.config import PROFILE_GEOMETRY
+
+    reads = set()
+    for path in [*(ROOT / "pickstyle").rglob("*.py"), *(ROOT / "flows").glob("*.py")]:
+        if path.name != "config.py":
+            reads |= set(re.findall(r"\.active\.(\w+)", path.read_text()))
+    assert reads - {"model_dump"} <= set(PROFILE_GEOMETRY), reads
+
+
+def test_every_shipped_profile_sets_every_field():
+    """DVC fails a stage whose listed param is missing from params.yaml: each profile spells out every field."""
+    from pickstyle.config import Profile
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, profile in data["profiles"].items():
+        assert sorted(profile) == sorted(Profile.model_fields), name
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "stages"),
+    [
+        ("sample_steps", 4, {"evaluate", "register"}),
+        ("train_steps", 7, {"train"}),
+        ("clip_variants", 3, {"clips"}),
+        ("height", 48, {"pretrain", "clips", "latents", "train", "evaluate", "register"}),
+    ],
+)
+def test_dvc_status_reruns_only_the_stages_that_read_a_field(tmp_path: Path, field, value, stages):
+    """DVC itself, against the committed dvc.lock: which stages a one-field change of the tiny profile marks."""
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    data = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert data["profile"] == "tiny" and data["profiles"]["tiny"][field] != value
+    data["profiles"]["tiny"][field] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run([*dvc, "status", "--json"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    changed = {
+        name
+        for name, entries in json.loads(out.stdout).items()
+        for entry in entries
+        if isinstance(entry, dict)
+        and isinstance(params := entry.get("changed deps", {}).get("params.yaml"), dict)
+        and params.get(f"profiles.tiny.{field}") == "modified"
+    }
+    assert changed == stages
 
 
 @pytest.mark.slow
