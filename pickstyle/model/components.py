@@ -384,9 +384,14 @@ def check_tiny_backbone(path: str | Path, tiny: TinyBackbone) -> None:
     path = Path(path)
     missing = missing_files(path)
     if missing:
+        where = "" if path.is_absolute() else f" (paths are relative to the working directory, {Path.cwd()})"
+        if not path.exists():
+            what = f"{path}: no such folder{where}"
+        else:
+            what = f"{path}: no pretrained tiny backbone (missing: {', '.join(missing)})"
         raise BackboneError(
-            f"{path}: no pretrained tiny backbone (missing: {', '.join(missing)}); it is committed with the "
-            "repository, or made by `dvc repro pretrain` (README: The tiny backbone)"
+            f"{what}; it is committed with the repository (run from its root, or set paths.models), or made by "
+            "`dvc repro pretrain` (README: The tiny backbone)"
         )
     want = tiny_transformer_config(tiny)
     have = json.loads((path / "transformer" / "config.json").read_text())

@@ -107,13 +107,26 @@ def test_tokenizer_handles_any_text() -> None:
 
 def test_ensure_backbone_tiny_needs_the_pretrained_folder(tiny_backbone: Path, tmp_path: Path) -> None:
     assert ensure_backbone(parse_params({"paths": {"models": str(tiny_backbone.parent)}})) == tiny_backbone
-    with pytest.raises(BackboneError, match="dvc repro pretrain"):
+    with pytest.raises(BackboneError, match="no such folder.*dvc repro pretrain"):
         ensure_backbone(parse_params({"paths": {"models": str(tmp_path / "empty")}}))
+    (tmp_path / "half" / "backbone" / "vae").mkdir(parents=True)
+    with pytest.raises(BackboneError, match=r"no pretrained tiny backbone \(missing: model_index.json"):
+        ensure_backbone(parse_params({"paths": {"models": str(tmp_path / "half")}}))
+
     other_sizes = parse_params(
         {"paths": {"models": str(tiny_backbone.parent)}, "model": {"tiny": {"num_layers": 5}}}
     )
     with pytest.raises(BackboneError, match="num_layers"):
         ensure_backbone(other_sizes)
+
+
+def test_a_relative_backbone_path_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--params elsewhere/params.yaml`` from another folder: paths resolve against the working directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BackboneError, match=f"relative to the working directory, {tmp_path}"):
+        ensure_backbone(parse_params({}))
 
 
 def test_real_profile_lists_every_missing_file(tiny_backbone: Path, tmp_path: Path) -> None:
