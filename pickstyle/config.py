@@ -361,6 +361,9 @@ class Clips(Section):
     reconstruct_max_windows: int = Field(default=4, ge=1)
     #: Held-out procedural test scenes with object motion (written to ``data/testclips``).
     test_clips: int = 10
+    #: Validation scenes of the same kind (``data/valclips``: other seeds: other objects, paths, pans), for choosing
+    #: settings without looking at the test clips: ``dvc exp run -S evaluate.split=val …`` (README: Tuning).
+    val_clips: int = Field(default=10, ge=0)
     #: Moving cut-out objects per test scene.
     test_objects: int = 3
     #: Samples per shard.
@@ -551,6 +554,8 @@ class Evaluate(Section):
             "identity", "vae", "reconstruct", "base_noguide", "base", "noguide", "cfg", "cfg_joint", "cs_cfg"
         ]
     )  # fmt: skip
+    #: Which held-out clips to score: ``test`` (the reported numbers) or ``val`` (for tuning; README: Tuning).
+    split: Literal["test", "val"] = "test"
     #: At most this many test clips (0 = all).
     max_clips: int = 0
     #: Optional local CLIP model folder for a text-frame score.

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pickstyle import tracking
 from pickstyle.config import Params, Sample
-from pickstyle.data.clip_reader import iter_clips
+from pickstyle.data.clip_reader import SPLIT_PREFIX, iter_clips
 from pickstyle.data.images import text_strip, write_gif
 from pickstyle.errors import PickstyleError
 from pickstyle.files import atomic_dir, resolve_device, write_json
@@ -182,8 +182,8 @@ def vae_roundtrip(pipe: Any, video: np.ndarray) -> np.ndarray:
 
 def _iter_test_clips(params: Params) -> Iterable[dict[str, Any]]:
 
-    folder = Path(params.paths.data) / "testclips"
-    clips = iter_clips(folder, prefix="testclips")
+    prefix = SPLIT_PREFIX[params.evaluate.split]
+    clips = iter_clips(Path(params.paths.data) / prefix, prefix=prefix)
     return islice(clips, params.evaluate.max_clips) if params.evaluate.max_clips > 0 else clips
 
 
@@ -251,7 +251,8 @@ def evaluate(params: Params) -> dict[str, Any]:
         n_clips += 1
     if n_clips == 0:
         raise EvaluationError(
-            f"{Path(params.paths.data) / 'testclips'}: no test clips (run the clips stage, clips.test_clips > 0)"
+            f"{Path(params.paths.data) / SPLIT_PREFIX[cfg.split]}: no {cfg.split} clips (run the clips stage, "
+            f"clips.{cfg.split}_clips > 0)"
         )
 
     metrics = aggregate(rows)
@@ -439,7 +440,12 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> st
         sample = params.evaluate.sample.model_dump(mode="json")
         mlflow.log_params({f"sample.{k}": v for k, v in sample.items()})
         mlflow.log_params(
-            {"variants": ",".join(summary["variants"]), "clips": summary["clips"], "profile": params.profile}
+            {
+                "variants": ",".join(summary["variants"]),
+                "clips": summary["clips"],
+                "split": params.evaluate.split,
+                "profile": params.profile,
+            }
         )
         mlflow.log_metrics({k: v for k, v in summary["metrics"].items() if math.isfinite(v)})
         mlflow.log_metrics({f"seconds_per_clip/{k}": v for k, v in summary["seconds_per_clip"].items()})

@@ -72,8 +72,9 @@ from pickstyle.progress import progress
 from pickstyle.schedules import warmup_constant, warmup_cosine
 from pickstyle.tracking import train_run
 
-#: Summary keys that vary from run to run (timings, the MLflow run id): returned and logged, never written.
-VOLATILE = ("samples_per_s", "seconds", "mlflow_run_id", "device")
+#: Summary keys that vary from run to run (timings, the MLflow run id, the step a resumed run started from):
+#: returned and logged, never written, so a resumed run's folder (and DVC hash) is an uninterrupted run's.
+VOLATILE = ("samples_per_s", "seconds", "mlflow_run_id", "device", "start_step")
 #: Noise levels of the fit probe (:class:`_FitProbe`): where sampling decides a clip's colours and style.
 FIT_SIGMAS = (1.0, 0.9, 0.6)
 

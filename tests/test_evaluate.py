@@ -11,12 +11,13 @@ import pytest
 from skimage import data as skdata
 
 from pickstyle import evaluate as ev
+from pickstyle.data.shards import ShardError
 from pickstyle import metrics
 
 T, H, W = 6, 64, 96
 
 
-def _write_test_clips(data: Path, n: int = 2, frames: int = 5) -> None:
+def _write_test_clips(data: Path, n: int = 2, frames: int = 5, split: str = "test") -> None:
     """``n`` panning test clips (64x96) with their exact sepia ground truth, as the clips stage writes them."""
     from pickstyle.data.shards import write_shards
     from pickstyle.data.styles import apply_style
@@ -32,17 +33,17 @@ def _write_test_clips(data: Path, n: int = 2, frames: int = 5) -> None:
             "style": "sepia",
             "fps": 8,
             "frames": 9,
-            "kind": "test",
+            "kind": split,
         }
         samples.append(
             {
-                "__key__": f"test_{i:04d}",
+                "__key__": f"{split}_{i:04d}",
                 "src.mp4": encode_video(src, 8, lossless=True),
                 "style.mp4": encode_video(gt, 8, lossless=True),
                 "json": json.dumps(meta),
             }
         )
-    write_shards(samples, data / "testclips", "testclips", 64)
+    write_shards(samples, data / f"{split}clips", f"{split}clips", 64)
 
 
 def test_aggregate_and_tables(tmp_path, source, flows):
@@ -180,6 +181,26 @@ def test_evaluate_without_test_clips_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(ShardError, match=r"data/testclips: no testclips-\*\.tar shards \(run the stage"):
         ev.evaluate(parse_params({"evaluate": {"variants": ["identity"]}}))
+
+
+def test_evaluate_split_val_scores_the_val_clips(tmp_path, monkeypatch):
+    """``evaluate.split: val`` reads ``data/valclips`` (for tuning) and says so when there are none."""
+    from pickstyle import tracking
+    from pickstyle.config import parse_params
+
+    for key in (*tracking.URI_ENV, tracking.ARTIFACTS_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    _write_test_clips(tmp_path / "data", n=1)
+    params = parse_params({"evaluate": {"variants": ["identity"], "split": "val"}})
+    with pytest.raises(ShardError, match=r"data/valclips: no valclips-\*\.tar shards"):
+        ev.evaluate(params)
+    _write_test_clips(tmp_path / "data", n=2, split="val")
+    val = ev.evaluate(params)
+    test = ev.evaluate(parse_params({"evaluate": {"variants": ["identity"]}}))
+    assert (val["clips"], test["clips"]) == (2, 1)
+    rows = (tmp_path / "eval" / "plots" / "per_clip.csv").read_text()  # the last run's: the test split
+    assert "test_0000" in rows and "val_0000" not in rows
 
 
 def test_evaluate_uses_each_clips_style_adapter(tmp_path, tiny_backbone, monkeypatch):

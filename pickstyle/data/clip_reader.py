@@ -14,6 +14,9 @@ from pickstyle.data.video import VideoError, read_video
 
 PREFIX = "clips"
 TEST_PREFIX = "testclips"
+VAL_PREFIX = "valclips"
+#: The held-out splits' folders (and shard prefixes) under ``paths.data``.
+SPLIT_PREFIX = {"test": TEST_PREFIX, "val": VAL_PREFIX}
 
 
 def iter_clips(folder: str | Path, prefix: str = PREFIX, skip: int = 0) -> Iterator[dict[str, Any]]:

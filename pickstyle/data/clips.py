@@ -9,7 +9,9 @@ Outputs (all WebDataset shards with ``src.mp4``, ``style.mp4`` and ``json``):
   with parallax and ``clips.test_objects`` cut-out objects that translate, rotate and scale independently), with
   the exact ground-truth style clip (the built-in style applied per frame); ``kind="test"``, always lossless.
   Never used for training.
-* ``<paths.data>/clips/preview.gif`` (rows of source | style) and ``manifest.json`` in both folders.
+* ``<paths.data>/valclips/valclips-%06d.tar`` — ``clips.val_clips`` more scenes of the same kind from other seeds
+  (other objects, paths and pans) (``kind="val"``): for choosing settings (``evaluate.split: val``) without looking at the test clips.
+* ``<paths.data>/clips/preview.gif`` (rows of source | style) and ``manifest.json`` in every folder.
 
 Work is cut into chunks of at most ``clips.shard_size`` clips; each chunk renders and writes its own shard
 (``<prefix>-<chunk>.tar``), so ``map_fn`` can spread chunks over threads, processes or a Dask cluster (shared
@@ -36,7 +38,7 @@ import numpy as np
 
 from pickstyle.config import Params
 from pickstyle.data.clip_preview import write_preview
-from pickstyle.data.clip_reader import PREFIX, TEST_PREFIX
+from pickstyle.data.clip_reader import PREFIX, TEST_PREFIX, VAL_PREFIX
 from pickstyle.data.images import decode_png, key_slug
 from pickstyle.data.motion import MOTIONS, check_clip_size, draw_spec, job_seed, render_pair
 from pickstyle.data.scenes import _photos, draw_scene, render_scene
@@ -286,27 +288,27 @@ def _render_reconstruct(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- test scenes
 def _render_tests(job: dict[str, Any]) -> dict[str, Any]:
-
-    s = job["settings"]
+    """A chunk of held-out scenes: ``kind`` ``test`` (the reported numbers) or ``val`` (for tuning)."""
+    s, split = job["settings"], job["kind"]
     descriptions = {pid: d for pid, d, _ in _photos()}
     samples = []
     for index in job["items"]:
-        spec = draw_scene(index, s)
+        spec = draw_scene(index, s, split)
         src = render_scene(spec, s["frames"], s["height"], s["width"])
         style = np.stack([apply_style(spec["style"], f) for f in src])  # exact ground truth, frame by frame
         name = style_caption_name(spec["style"])
         meta = {
-            "kind": "test",
+            "kind": split,
             "caption": f"{name} style. {descriptions[spec['background']]}",
             "style": spec["style"],
             "style_name": name,
             "source_id": spec["background"],
-            "pair_key": f"test_{index:04d}",
+            "pair_key": f"{split}_{index:04d}",
             "variant": 0,
             "motion": spec,
         }
         # lossless: decoding gives the exact frames, so apply_style(decoded src) == decoded style
-        samples.append(_clip_sample(f"test_{index:04d}", src, style, meta, s, lossless=True))
+        samples.append(_clip_sample(f"{split}_{index:04d}", src, style, meta, s, lossless=True))
     shard_name = _write_chunk(samples, job["out_dir"], job["prefix"], job["index"])
     return {"shard": shard_name, "keys": [x["__key__"] for x in samples], "motions": {"scene": len(samples)}}
 
@@ -317,7 +319,9 @@ def render_chunk(job: dict[str, Any]) -> dict[str, Any]:
 
     A top-level function of plain-dict input, so it can run in a thread, a process or on a Dask worker.
     """
-    fn = {"pair": _render_pairs, "reconstruct": _render_reconstruct, "test": _render_tests}[job["kind"]]
+    fn = {"pair": _render_pairs, "reconstruct": _render_reconstruct, "test": _render_tests, "val": _render_tests}[
+        job["kind"]
+    ]
     result = {**fn(job), "kind": job["kind"], "out_dir": job["out_dir"]}
     record_shard(job["out_dir"], result["shard"], result)  # a rerun after a kill skips this shard
     return result
@@ -332,7 +336,7 @@ def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 
 
 def plan_jobs(params: Params) -> list[dict[str, Any]]:
-    """Every render job of the stage (pair chunks, reconstruction videos, test chunks), in shard order."""
+    """Every render job of the stage (pair chunks, reconstruction videos, test and val chunks), in shard order."""
     c, s = params.clips, _settings(params)
     check_clip_size(s["frames"], s["height"], s["width"])
     if c.variants < 1:
@@ -343,7 +347,7 @@ def plan_jobs(params: Params) -> list[dict[str, Any]]:
     if any(v < 0 for v in c.motion_mix.values()) or not 0 <= c.static_prob <= 1:
         raise ClipsError("clips.motion_mix weights must be >= 0 and clips.static_prob in [0, 1]")
     data = Path(params.paths.data)
-    out_dir, test_dir = str(data / PREFIX), str(data / TEST_PREFIX)
+    out_dir = str(data / PREFIX)
     items = [(shard, key, v) for shard, key in _list_pairs(data / PAIRS_PREFIX) for v in range(c.variants)]
     jobs = [
         {"kind": "pair", "items": chunk, "out_dir": out_dir, "prefix": PREFIX, "settings": s}
@@ -362,22 +366,16 @@ def plan_jobs(params: Params) -> list[dict[str, Any]]:
         ]
     for i, job in enumerate(jobs):
         job["index"] = i
-    tests = [
-        {
-            "kind": "test",
-            "items": chunk,
-            "out_dir": test_dir,
-            "prefix": TEST_PREFIX,
-            "settings": s,
-            "index": i,
-        }
-        for i, chunk in enumerate(_chunks(range(c.test_clips), c.shard_size))
+    held_out = [
+        {"kind": kind, "items": chunk, "out_dir": str(data / prefix), "prefix": prefix, "settings": s, "index": i}
+        for kind, prefix, count in (("test", TEST_PREFIX, c.test_clips), ("val", VAL_PREFIX, c.val_clips))
+        for i, chunk in enumerate(_chunks(range(count), c.shard_size))
     ]
-    return jobs + tests
+    return jobs + held_out
 
 
 def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
-    """Build ``<paths.data>/clips`` (training clips + preview) and ``<paths.data>/testclips``.
+    """Build ``<paths.data>/clips`` (training clips + preview), ``<paths.data>/testclips`` and ``…/valclips``.
 
     Args:
         params: The run's params (reads ``seed``, ``paths.data``, the active profile, ``clips``, ``pairs.styles``).
@@ -393,7 +391,8 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
     """
     jobs = plan_jobs(params)  # validates everything before touching the outputs
     data = Path(params.paths.data)
-    out_dir, test_dir = data / PREFIX, data / TEST_PREFIX
+    out_dir, test_dir, val_dir = data / PREFIX, data / TEST_PREFIX, data / VAL_PREFIX
+    folders = ((out_dir, PREFIX), (test_dir, TEST_PREFIX), (val_dir, VAL_PREFIX))
     # Both folders are persist: true DVC outputs: a killed run's complete shards are kept when nothing changed.
     key = {
         "settings": _settings(params),
@@ -401,9 +400,9 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
         "pairs": files_fingerprint(list_shards(data / PAIRS_PREFIX, PAIRS_PREFIX)),
         "reconstruct": files_fingerprint(j["items"][0] for j in jobs if j["kind"] == "reconstruct"),
     }
-    progress = [ShardProgress(out_dir, PREFIX, key), ShardProgress(test_dir, TEST_PREFIX, key)]
+    progress = [ShardProgress(folder, prefix, key) for folder, prefix in folders]
     done = {(str(fp.folder), shard): r for fp in progress for shard, r in fp.done().items()}
-    for folder, prefix in ((out_dir, PREFIX), (test_dir, TEST_PREFIX)):
+    for folder, prefix in folders:
         for stale in folder.glob(f".{prefix}-*"):  # temp files of an interrupted run
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -414,8 +413,9 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
     fresh = iter((map_fn or _serial_map)(render_chunk, todo) if todo else [])
     results = [done[name] if name in done else next(fresh) for name in names]
 
-    train = [r for r in results if r["kind"] != "test"]
+    train = [r for r in results if r["kind"] in ("pair", "reconstruct")]
     tests = [r for r in results if r["kind"] == "test"]
+    vals = [r for r in results if r["kind"] == "val"]
     motions: Counter[str] = Counter()
     for r in train:
         motions.update(r["motions"])
@@ -427,6 +427,7 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
         "clips": n_pairs,
         "reconstruct_clips": sum(len(r["keys"]) for r in train if r["kind"] == "reconstruct"),
         "test_clips": sum(len(r["keys"]) for r in tests),
+        "val_clips": sum(len(r["keys"]) for r in vals),
         "frames": p.frames,
         "height": p.height,
         "width": p.width,
@@ -435,19 +436,21 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
         "motions": dict(sorted(motions.items())),
         "shards": [r["shard"] for r in train],
         "test_shards": [r["shard"] for r in tests],
+        "val_shards": [r["shard"] for r in vals],
     }
     preview = write_preview(out_dir, train, params.clips.preview_clips, p.fps)
     summary["preview"] = preview.name if preview else None
     write_json(out_dir / "manifest.json", summary)
-    write_json(
-        test_dir / "manifest.json",
-        {k: summary[k] for k in ("test_clips", "frames", "height", "width", "fps", "test_shards")},
-    )
+    for split, folder in (("test", test_dir), ("val", val_dir)):
+        write_json(
+            folder / "manifest.json",
+            {k: summary[k] for k in (f"{split}_clips", "frames", "height", "width", "fps", f"{split}_shards")},
+        )
     for folder_progress in progress:
         folder_progress.finish()
     print(
         f"clips: {summary['clips']} pair clips ({summary['pairs']} pairs x {summary['variants']}), "
-        f"{summary['reconstruct_clips']} reconstruct, {summary['test_clips']} test clips "
-        f"({p.frames}x{p.height}x{p.width} @ {p.fps} fps) -> {out_dir}, {test_dir}"
+        f"{summary['reconstruct_clips']} reconstruct, {summary['test_clips']} test and {summary['val_clips']} val "
+        f"clips ({p.frames}x{p.height}x{p.width} @ {p.fps} fps) -> {out_dir}, {test_dir}, {val_dir}"
     )
-    return {**summary, "out_dir": str(out_dir), "test_dir": str(test_dir)}
+    return {**summary, "out_dir": str(out_dir), "test_dir": str(test_dir), "val_dir": str(val_dir)}

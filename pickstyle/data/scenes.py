@@ -42,11 +42,15 @@ def _affine(center: np.ndarray, angle: float, scale: float, pivot: np.ndarray) -
     return m
 
 
-def draw_scene(index: int, s: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-able spec of test scene ``index``: photos, camera pan, and each object's crop and path."""
-    rng = np.random.default_rng(job_seed(s["seed"], "test", index))
+def draw_scene(index: int, s: dict[str, Any], split: str = "test") -> dict[str, Any]:
+    """The JSON-able spec of ``split``'s scene ``index``: photos, camera pan, and each object's crop and path.
+
+    The ``val`` split draws from its own seeds and starts its backgrounds half-way through the photos, so scene ``i``
+    of the two splits differs in objects, paths and pan, and in its background photo."""
+    rng = np.random.default_rng(job_seed(s["seed"], split, index))
     photos = _photos()
     n = len(photos)
+    first = n // 2 if split == "val" else 0
     h, w = s["height"], s["width"]
     objects = []
     for j in range(s["test_objects"]):
@@ -70,8 +74,8 @@ def draw_scene(index: int, s: dict[str, Any]) -> dict[str, Any]:
         "kind": "scene",
         "index": index,
         "style": s["styles"][index % len(s["styles"])],
-        "background": photos[index % n][0],
-        "ground": photos[(index + 3) % n][0],
+        "background": photos[(first + index) % n][0],
+        "ground": photos[(first + index + 3) % n][0],
         # camera pan in output pixels over the clip; the ground moves with it, the background at half speed
         "pan": [float(rng.uniform(-0.15, 0.15)) * w, float(rng.uniform(-0.05, 0.05)) * h],
         "ground_height": float(rng.uniform(0.25, 0.4)),

@@ -62,7 +62,8 @@ def make_pairs(data: Path, n: int = 3, shard_size: int = 2) -> list[Path]:
 
 
 def make_params(data: Path, **clips) -> Params:
-    cfg = {"test_clips": 2, "test_objects": 2, "preview_clips": 2, "shard_size": 4, "variants": 1, **clips}
+    cfg = {"test_clips": 2, "val_clips": 1, "test_objects": 2, "preview_clips": 2, "shard_size": 4, "variants": 1}
+    cfg.update(clips)
     return parse_params(
         {
             "profiles": {"tiny": TINY},
@@ -156,8 +157,8 @@ def test_builtin_pairs_styled_per_frame_or_under_the_motion(tmp_path):
             else:
                 assert c["meta"]["style_render"] == "motion"
                 np.testing.assert_array_equal(c["style"], style)
-        shutil.rmtree(data / "clips")
-        shutil.rmtree(data / "testclips")
+        for folder in ("clips", "testclips", "valclips"):
+            shutil.rmtree(data / folder)
 
 
 def test_test_clips_have_object_motion_and_exact_ground_truth(built):
@@ -172,6 +173,30 @@ def test_test_clips_have_object_motion_and_exact_ground_truth(built):
         np.testing.assert_array_equal(c["style"], truth)
 
 
+def test_val_clips_are_other_scenes_and_leave_the_test_clips_as_they_were(built, tmp_path):
+    params, summary = built
+    data = Path(params.paths.data)
+    assert summary["val_clips"] == 1 and summary["val_shards"] == ["valclips-000000.tar"]
+    (val,) = list(iter_clips(data / "valclips", "valclips"))
+    tests = list(iter_clips(data / "testclips", "testclips"))
+    assert val["key"] == "val_0000" and val["meta"]["kind"] == "val"
+    np.testing.assert_array_equal(val["style"], np.stack([apply_style(val["meta"]["style"], f) for f in val["src"]]))
+    # scene 0 of each split: same style (they cycle alike), other seed and background
+    assert val["meta"]["style"] == tests[0]["meta"]["style"]
+    assert val["meta"]["motion"]["background"] != tests[0]["meta"]["motion"]["background"]
+    assert val["meta"]["motion"]["objects"] != tests[0]["meta"]["motion"]["objects"]
+    # rendering val clips changes no test clip: the same test shard without them
+    other = tmp_path / "data"
+    make_pairs(other)
+    no_val = make_params(
+        other, val_clips=0, variants=2, quality="lossless", motion_mix={"zoom_in": 1, "rotate": 1, "tilt": 1, "handheld": 1}
+    )
+    assert build_clips(no_val)["val_clips"] == 0
+    assert json.loads((other / "valclips" / "manifest.json").read_text())["val_shards"] == []
+    for name in ("testclips/testclips-000000.tar", "clips/clips-000000.tar"):
+        assert (other / name).read_bytes() == (data / name).read_bytes(), name
+
+
 def test_same_params_give_byte_identical_shards_on_any_worker_count(tmp_path):
     def run(name: str, map_fn=None) -> dict[str, bytes]:
         data = tmp_path / name
@@ -184,7 +209,7 @@ def test_same_params_give_byte_identical_shards_on_any_worker_count(tmp_path):
             return list(pool.map(fn, jobs))
 
     a, b = run("a"), run("b", map_fn=threads)
-    assert sorted(a) == sorted(b) and len(a) == 5  # clips + testclips shards, preview, 2 manifests
+    assert sorted(a) == sorted(b) and len(a) == 7  # clips, testclips, valclips shards, preview, 3 manifests
     assert a == b
 
 
@@ -258,7 +283,7 @@ def test_a_killed_run_keeps_its_complete_shards(tmp_path):
             fn(job)
         raise Killed
 
-    for folder in ("clips", "testclips"):
+    for folder in ("clips", "testclips", "valclips"):
         shutil.rmtree(data / folder)
     with pytest.raises(Killed):
         build_clips(params, map_fn=dies_after_two)
@@ -271,10 +296,10 @@ def test_a_killed_run_keeps_its_complete_shards(tmp_path):
         return [fn(j) for j in jobs]
 
     build_clips(params, map_fn=counting)
-    assert rendered == [2, 0]  # the third pair chunk and the test chunk; chunks 0 and 1 were kept
+    assert rendered == [2, 0, 0]  # the third pair chunk, the test and the val chunk; chunks 0 and 1 were kept
     got = {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.glob("*clips/*"))}
     assert got == want and not (data / "clips" / ".partial").exists()
 
     rendered.clear()  # other settings: everything is rendered again
     build_clips(make_params(data, shard_size=2, motion_mix={"zoom_in": 1}), map_fn=counting)
-    assert len(rendered) == 4
+    assert len(rendered) == 5  # 3 pair chunks, 1 test, 1 val

@@ -7,6 +7,7 @@ one of an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,6 +109,13 @@ def test_kill_9_then_dvc_repro_resumes_bit_identical(tiny_backbone: Path, tmp_pa
     got = load_file(proj / "models" / "adapter" / "pytorch_lora_weights.safetensors")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+    # nothing else says the run was resumed: the folder DVC hashes is an uninterrupted run's
+    ref_adapter, got_adapter = ref / "models" / "adapter", proj / "models" / "adapter"
+    summaries = [json.loads((a / "train_summary.json").read_text()) for a in (ref_adapter, got_adapter)]
+    for summary in summaries:
+        assert summary.pop("adapter_dir") and "start_step" not in summary
+    assert summaries[0] == summaries[1]
+    assert (got_adapter / "loss.csv").read_bytes() == (ref_adapter / "loss.csv").read_bytes()
     status = subprocess.run(
         [str(Path(sys.executable).with_name("dvc")), "status", "-q"], cwd=proj, env=env, check=False
     )
