@@ -46,7 +46,7 @@ def small_project(
             shutil.copy(src, dst)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["pairs"].update({"per_style": 2, "size": 64})
-    params["clips"].update({"test_clips": 1, "variants": 1, "preview_clips": 1})
+    params["clips"].update({"test_clips": 1, "val_clips": 1, "variants": 1, "preview_clips": 1})
     params["train"].update({"checkpoint_every": 0, "log_every": 1, **(train or {})})
     params["evaluate"].update(
         {"max_clips": 1, "variants": list(variants), "preview_clips": 1, "sample": {"steps": 2}}

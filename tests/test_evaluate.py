@@ -11,8 +11,8 @@ import pytest
 from skimage import data as skdata
 
 from pickstyle import evaluate as ev
-from pickstyle.data.shards import ShardError
 from pickstyle import metrics
+from pickstyle.data.shards import ShardError
 
 T, H, W = 6, 64, 96
 

@@ -26,6 +26,7 @@ SMALL = {
     "pairs.per_style": 2,
     "pairs.size": 64,
     "clips.test_clips": 1,
+    "clips.val_clips": 1,
     "clips.preview_clips": 1,
     "clips.workers": 1,
     "train.steps": 3,

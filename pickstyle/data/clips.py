@@ -319,9 +319,12 @@ def render_chunk(job: dict[str, Any]) -> dict[str, Any]:
 
     A top-level function of plain-dict input, so it can run in a thread, a process or on a Dask worker.
     """
-    fn = {"pair": _render_pairs, "reconstruct": _render_reconstruct, "test": _render_tests, "val": _render_tests}[
-        job["kind"]
-    ]
+    fn = {
+        "pair": _render_pairs,
+        "reconstruct": _render_reconstruct,
+        "test": _render_tests,
+        "val": _render_tests,
+    }[job["kind"]]
     result = {**fn(job), "kind": job["kind"], "out_dir": job["out_dir"]}
     record_shard(job["out_dir"], result["shard"], result)  # a rerun after a kill skips this shard
     return result
@@ -367,7 +370,14 @@ def plan_jobs(params: Params) -> list[dict[str, Any]]:
     for i, job in enumerate(jobs):
         job["index"] = i
     held_out = [
-        {"kind": kind, "items": chunk, "out_dir": str(data / prefix), "prefix": prefix, "settings": s, "index": i}
+        {
+            "kind": kind,
+            "items": chunk,
+            "out_dir": str(data / prefix),
+            "prefix": prefix,
+            "settings": s,
+            "index": i,
+        }
         for kind, prefix, count in (("test", TEST_PREFIX, c.test_clips), ("val", VAL_PREFIX, c.val_clips))
         for i, chunk in enumerate(_chunks(range(count), c.shard_size))
     ]
@@ -444,7 +454,10 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
     for split, folder in (("test", test_dir), ("val", val_dir)):
         write_json(
             folder / "manifest.json",
-            {k: summary[k] for k in (f"{split}_clips", "frames", "height", "width", "fps", f"{split}_shards")},
+            {
+                k: summary[k]
+                for k in (f"{split}_clips", "frames", "height", "width", "fps", f"{split}_shards")
+            },
         )
     for folder_progress in progress:
         folder_progress.finish()

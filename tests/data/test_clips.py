@@ -62,7 +62,14 @@ def make_pairs(data: Path, n: int = 3, shard_size: int = 2) -> list[Path]:
 
 
 def make_params(data: Path, **clips) -> Params:
-    cfg = {"test_clips": 2, "val_clips": 1, "test_objects": 2, "preview_clips": 2, "shard_size": 4, "variants": 1}
+    cfg = {
+        "test_clips": 2,
+        "val_clips": 1,
+        "test_objects": 2,
+        "preview_clips": 2,
+        "shard_size": 4,
+        "variants": 1,
+    }
     cfg.update(clips)
     return parse_params(
         {
@@ -180,7 +187,9 @@ def test_val_clips_are_other_scenes_and_leave_the_test_clips_as_they_were(built,
     (val,) = list(iter_clips(data / "valclips", "valclips"))
     tests = list(iter_clips(data / "testclips", "testclips"))
     assert val["key"] == "val_0000" and val["meta"]["kind"] == "val"
-    np.testing.assert_array_equal(val["style"], np.stack([apply_style(val["meta"]["style"], f) for f in val["src"]]))
+    np.testing.assert_array_equal(
+        val["style"], np.stack([apply_style(val["meta"]["style"], f) for f in val["src"]])
+    )
     # scene 0 of each split: same style (they cycle alike), other seed and background
     assert val["meta"]["style"] == tests[0]["meta"]["style"]
     assert val["meta"]["motion"]["background"] != tests[0]["meta"]["motion"]["background"]
@@ -189,7 +198,11 @@ def test_val_clips_are_other_scenes_and_leave_the_test_clips_as_they_were(built,
     other = tmp_path / "data"
     make_pairs(other)
     no_val = make_params(
-        other, val_clips=0, variants=2, quality="lossless", motion_mix={"zoom_in": 1, "rotate": 1, "tilt": 1, "handheld": 1}
+        other,
+        val_clips=0,
+        variants=2,
+        quality="lossless",
+        motion_mix={"zoom_in": 1, "rotate": 1, "tilt": 1, "handheld": 1},
     )
     assert build_clips(no_val)["val_clips"] == 0
     assert json.loads((other / "valclips" / "manifest.json").read_text())["val_shards"] == []

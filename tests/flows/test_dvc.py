@@ -113,7 +113,11 @@ def test_every_profile_field_is_geometry_a_default_or_a_property():
     """A new ``Profile`` field must be placed in one of the three (and so in dvc.yaml's lists)."""
     from pickstyle.config import PROFILE_DEFAULTS, PROFILE_GEOMETRY, PROFILE_PROPERTIES, Profile
 
-    placed = [*PROFILE_GEOMETRY, *PROFILE_DEFAULTS.values(), *(f for v in PROFILE_PROPERTIES.values() for f in v)]
+    placed = [
+        *PROFILE_GEOMETRY,
+        *PROFILE_DEFAULTS.values(),
+        *(f for v in PROFILE_PROPERTIES.values() for f in v),
+    ]
     assert sorted(placed) == sorted(Profile.model_fields)
 
 

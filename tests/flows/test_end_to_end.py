@@ -24,6 +24,7 @@ SMALL = {
     "pairs.per_style": 4,
     "pairs.size": 96,
     "clips.test_clips": 2,
+    "clips.val_clips": 1,
     "clips.preview_clips": 2,
     "train.steps": 12,
     "train.warmup_steps": 2,
@@ -62,7 +63,9 @@ def test_every_stage_end_to_end(
     assert pairs["total"] == 8 and sorted(pairs["styles"]) == ["anime", "sepia"]
     clips_flow(params)
     assert list(Path("data/clips").glob("clips-*.tar")) and Path("data/clips/preview.gif").is_file()
-    assert list(Path("data/testclips").glob("testclips-*.tar"))
+    assert list(Path("data/testclips").glob("testclips-*.tar")) and list(
+        Path("data/valclips").glob("valclips-*.tar")
+    )
     shutil.copytree(tiny_backbone, "models/backbone")  # the pretrain stage's committed output
     latents_flow(params)
     assert list(Path("data/latents").glob("latents-*.tar"))
