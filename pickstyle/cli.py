@@ -176,11 +176,15 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "pairs": (cmd_pairs, "stage 1: build paired (source, style, caption) WebDataset shards in data/pairs"),
     "clips": (
         cmd_clips,
-        "stage 2: render synthetic camera-motion clips (data/clips) and test clips (data/testclips)",
+        "stage 2: render synthetic camera-motion clips (data/clips), test and validation clips (data/testclips, "
+        "data/valclips)",
     ),
     "latents": (cmd_latents, "stage 3: encode clips once: target latents, 96-ch context, prompt embeddings"),
     "train": (cmd_train, "stage 4: train the context-style LoRA adapters (models/adapter)"),
-    "evaluate": (cmd_evaluate, "stage 5: stylize held-out test clips and score them (eval/)"),
+    "evaluate": (
+        cmd_evaluate,
+        "stage 5: stylize the held-out test (or -S evaluate.split=val) clips, score (eval/)",
+    ),
     "register": (cmd_register, "stage 6: register the adapter in MLflow (@challenger, gated @champion)"),
     "stylize": (cmd_stylize, "re-render any video in a style (CS-CFG)"),
     "app": (
