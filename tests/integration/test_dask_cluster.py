@@ -69,7 +69,7 @@ def test_clips_on_a_scheduler_and_two_worker_processes(
         cluster_data, thread_data = tmp_path / "cluster", tmp_path / "thread"
         for data in (cluster_data, thread_data):
             make_pairs(data, n=3)
-        # 3 pairs x 2 variants in shards of 2 + 2 test clips in shards of 2: 4 chunks for 2 workers
+        # 3 pairs x 2 variants in shards of 2 + 2 test clips in shards of 2 + 1 val clip: 5 chunks for 2 workers
         params = make_params(cluster_data, variants=2, shard_size=2, task_runner="dask", dask_address=address)
         summary = clips_flow(params)
 
@@ -79,20 +79,20 @@ def test_clips_on_a_scheduler_and_two_worker_processes(
         rendered = client.run(finished)
         logs = "\n".join(f"--- {n}:\n{tail(log)}" for n, (_, log) in procs.items())
 
-    assert summary["clips"] == 6 and summary["test_clips"] == 2, summary
-    # both worker processes rendered chunks, and nothing else did (4 chunks in all)
+    assert summary["clips"] == 6 and summary["test_clips"] == 2 and summary["val_clips"] == 1, summary
+    # both worker processes rendered chunks, and nothing else did (5 chunks in all)
     chunks = {
         addr: [k for k in keys if "render-chunk" in k or "render_chunk" in k]
         for addr, keys in rendered.items()
     }
     assert len(chunks) == 2 and all(chunks.values()), (rendered, logs)
-    assert sum(len(keys) for keys in chunks.values()) == 4, (rendered, logs)
+    assert sum(len(keys) for keys in chunks.values()) == 5, (rendered, logs)
 
     thread = _with_data(params, thread_data).model_copy(
         update={"clips": params.clips.model_copy(update={"task_runner": "thread", "dask_address": None})}
     )
     clips_flow(thread)
     got, expected = _shards(cluster_data), _shards(thread_data)
-    assert sorted(got) == sorted(expected) and len(got) == 4, sorted(got)
+    assert sorted(got) == sorted(expected) and len(got) == 5, sorted(got)
     for name, data in expected.items():
         assert got[name] == data, f"{name}: the cluster's shard differs from the thread runner's"
