@@ -241,7 +241,7 @@ PROFILE_PROPERTIES = {"train": ("lora_rank", "lora_alpha")}
 
 def profile_fields(*sections: str) -> list[str]:
     """The profile fields a stage reading ``sections`` depends on: the geometry, then the defaults of those
-    sections' null keys. ``dvc.yaml`` lists exactly these per stage (tests/test_dvc_params.py), so tuning, say,
+    sections' null keys. ``dvc.yaml`` lists exactly these per stage (tests/flows/test_dvc.py), so tuning, say,
     ``sample_steps`` reruns the evaluation but not the clips, latents or training."""
     fields = list(PROFILE_GEOMETRY)
     for section in sections:

@@ -10,7 +10,8 @@ Outputs (all WebDataset shards with ``src.mp4``, ``style.mp4`` and ``json``):
   the exact ground-truth style clip (the built-in style applied per frame); ``kind="test"``, always lossless.
   Never used for training.
 * ``<paths.data>/valclips/valclips-%06d.tar`` — ``clips.val_clips`` more scenes of the same kind from other seeds
-  (other objects, paths and pans) (``kind="val"``): for choosing settings (``evaluate.split: val``) without looking at the test clips.
+  (other objects, paths and pans; ``kind="val"``): for choosing settings (``evaluate.split: val``) without looking
+  at the test clips.
 * ``<paths.data>/clips/preview.gif`` (rows of source | style) and ``manifest.json`` in every folder.
 
 Work is cut into chunks of at most ``clips.shard_size`` clips; each chunk renders and writes its own shard
@@ -403,7 +404,7 @@ def build_clips(params: Params, map_fn: MapFn | None = None) -> dict[str, Any]:
     data = Path(params.paths.data)
     out_dir, test_dir, val_dir = data / PREFIX, data / TEST_PREFIX, data / VAL_PREFIX
     folders = ((out_dir, PREFIX), (test_dir, TEST_PREFIX), (val_dir, VAL_PREFIX))
-    # Both folders are persist: true DVC outputs: a killed run's complete shards are kept when nothing changed.
+    # All three folders are persist: true DVC outputs: a killed run's complete shards are kept when nothing changed.
     key = {
         "settings": _settings(params),
         "jobs": [[j["kind"], j["index"], len(j["items"])] for j in jobs],
