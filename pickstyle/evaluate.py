@@ -180,6 +180,10 @@ def vae_roundtrip(pipe: Any, video: np.ndarray) -> np.ndarray:
     return y.permute(1, 2, 3, 0).cpu().numpy()
 
 
+#: Beside ``metrics.json``: what the metrics were measured on (``split``, ``clips``, ``variants``).
+EVALUATION_FILE = "evaluation.json"
+
+
 def _iter_test_clips(params: Params) -> Iterable[dict[str, Any]]:
 
     prefix = SPLIT_PREFIX[params.evaluate.split]
@@ -196,7 +200,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     """Stylize the held-out test clips with every variant, score them and write ``eval/``; log to MLflow.
 
     Writes (atomically, the whole folder): ``metrics.json`` (flat ``<variant>/<metric>`` means over clips, DVC
-    metrics), ``plots/per_clip.csv`` and ``plots/warp_error_per_frame.csv`` (DVC plots), ``figures/*.png`` and
+    metrics), ``evaluation.json`` (the split, the clip count, the variants), ``plots/per_clip.csv`` and ``plots/warp_error_per_frame.csv`` (DVC plots), ``figures/*.png`` and
     ``preview.gif`` (source | no adapter | cfg | cs_cfg | ground truth).
 
     Returns:
@@ -259,6 +263,8 @@ def evaluate(params: Params) -> dict[str, Any]:
     out_dir = Path(params.paths.eval)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
+        # what was measured: the register stage promotes only versions scored on the test split
+        write_json(tmp / EVALUATION_FILE, {"split": cfg.split, "clips": n_clips, "variants": variants})
         write_per_clip_csv(tmp / "plots" / "per_clip.csv", rows)
         write_curve_csv(tmp / "plots" / "warp_error_per_frame.csv", curves)
         plot_figures(tmp / "figures", metrics, curves)
@@ -453,4 +459,4 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], out_dir: Path) -> st
         return run.info.run_id
 
 
-__all__ = ["EvaluationError", "aggregate", "evaluate", "variant_sample"]
+__all__ = ["EVALUATION_FILE", "EvaluationError", "aggregate", "evaluate", "variant_sample"]

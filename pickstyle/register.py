@@ -95,6 +95,13 @@ def _read_metrics(params: Params) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
+def _read_split(params: Params) -> str:
+    """The split ``<eval>/metrics.json`` was measured on, from ``evaluation.json`` beside it (written by
+    :func:`pickstyle.evaluate.evaluate`); ``test`` where there is none (metrics written by hand)."""
+    path = Path(params.paths.eval) / "evaluation.json"
+    return str(json.loads(path.read_text()).get("split", "test")) if path.is_file() else "test"
+
+
 def metrics_table(metrics: dict[str, float]) -> dict[str, list[Any]]:
     """``eval/metrics.json`` as one table: a row per ``<group>/<metric>`` with its value and standard error.
 
@@ -140,7 +147,9 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
     """Register ``<models>/adapter`` as a new version of ``register.model_name`` (unless already registered).
 
     Sets ``@challenger`` on the new version and moves ``@champion`` when :func:`gate_passes` on
-    ``register.gate_metric`` from ``<eval>/metrics.json`` (the first version always becomes champion).
+    ``register.gate_metric`` from ``<eval>/metrics.json`` (the first version always becomes champion). Only a
+    version evaluated on the test split is promoted: validation numbers are what settings were tuned on, and
+    comparing them with a champion's test numbers compares two sets of clips.
 
     Args:
         params: the project params.
@@ -172,6 +181,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             return summary
 
         metrics = _read_metrics(params)
+        split = _read_split(params)
         value = metrics.get(cfg.gate_metric)
         champion = _alias_version(client, name, CHAMPION)
         champion_value = None
@@ -182,7 +192,9 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
         margin = max(
             cfg.gate_margin, cfg.gate_se_multiple * se if se is not None and math.isfinite(se) else 0.0
         )
-        passed = champion is None or gate_passes(value, champion_value, cfg.higher_is_better, margin)
+        passed = split == "test" and (
+            champion is None or gate_passes(value, champion_value, cfg.higher_is_better, margin)
+        )
         gate = {
             "metric": cfg.gate_metric,
             "value": value,
@@ -191,6 +203,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             "higher_is_better": cfg.higher_is_better,
             "margin": margin,
             "standard_error": se,
+            "split": split,
             "passed": passed,
         }
 
@@ -205,6 +218,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
                 if k in metrics
             }
         )
+        tags["eval.split"] = split
         tags["gate_metric"] = cfg.gate_metric
         tags["gate_passed"] = str(passed).lower()
         artifacts = {"adapter": str(staged), "params": str(Path(tmp) / "params.json")}
@@ -263,7 +277,8 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             run_id = run.info.run_id
         description = (
-            f"Evaluation (`{params.paths.eval}/metrics.json`, gate `{cfg.gate_metric}` in bold):\n\n"
+            f"Evaluation on the {split} clips (`{params.paths.eval}/metrics.json`, gate `{cfg.gate_metric}` in "
+            "bold):\n\n"
         )
         version = client.create_model_version(
             name,

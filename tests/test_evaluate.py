@@ -197,7 +197,10 @@ def test_evaluate_split_val_scores_the_val_clips(tmp_path, monkeypatch):
         ev.evaluate(params)
     _write_test_clips(tmp_path / "data", n=2, split="val")
     val = ev.evaluate(params)
+    info = json.loads((tmp_path / "eval" / ev.EVALUATION_FILE).read_text())
+    assert info == {"split": "val", "clips": 2, "variants": ["identity"]}  # what register reads
     test = ev.evaluate(parse_params({"evaluate": {"variants": ["identity"]}}))
+    assert json.loads((tmp_path / "eval" / ev.EVALUATION_FILE).read_text())["split"] == "test"
     assert (val["clips"], test["clips"]) == (2, 1)
     rows = (tmp_path / "eval" / "plots" / "per_clip.csv").read_text()  # the last run's: the test split
     assert "test_0000" in rows and "val_0000" not in rows

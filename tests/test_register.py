@@ -48,7 +48,7 @@ def project(tmp_path: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
     return params
 
 
-def _put(params, adapter: Path, metric: float | None, se: float | None = None) -> None:
+def _put(params, adapter: Path, metric: float | None, se: float | None = None, split: str | None = None) -> None:
     dst = Path(params.paths.models) / "adapter"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(adapter, dst)
@@ -62,6 +62,10 @@ def _put(params, adapter: Path, metric: float | None, se: float | None = None) -
     if se is not None:
         metrics[f"{params.register.gate_metric}_se"] = se
     (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    info = eval_dir / "evaluation.json"
+    info.unlink(missing_ok=True)
+    if split is not None:  # as pickstyle.evaluate writes it
+        info.write_text(json.dumps({"split": split, "clips": 2, "variants": ["cs_cfg"]}))
 
 
 def test_tracking_uri_is_absolute_and_overridable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,16 +157,26 @@ def test_register_versions_aliases_gate_tags_and_serving(
     assert noisy["version"] == 3 and not noisy["promoted"] and noisy["gate"]["margin"] == 3.0
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
 
-    # Clearly better (by more than the margin and the spread): becomes champion.
+    # Clearly better, but on the validation clips: registered, never promoted (other clips than the champion's).
     params.register.gate_margin = 2.0
-    _put(params, adapters["c"], 25.0, se=1.0)
+    _put(params, adapters["c"], 25.0, se=1.0, split="val")
+    tuned = register.register(params)
+    assert tuned["version"] == 4 and not tuned["promoted"] and tuned["gate"]["split"] == "val"
+    assert "only a test-split evaluation can be promoted" in registration_markdown(tuned)
+    assert client.get_model_version(MODEL, "4").tags["eval.split"] == "val"
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
+    client.delete_model_version(MODEL, "4")  # so the same adapter, evaluated on the test split, is new again
+
+    # Clearly better (by more than the margin and the spread) on the test clips: becomes champion.
+    _put(params, adapters["c"], 25.0, se=1.0, split="test")
     best = register.register(params)
-    assert best["version"] == 4 and best["promoted"] and best["champion"] == 4
+    assert best["version"] == 5 and best["promoted"] and best["champion"] == 5
     assert best["gate"]["champion_value"] == 20.0 and best["gate"]["passed"]
-    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 4
-    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 4
+    assert client.get_model_version(MODEL, "5").tags["eval.split"] == "test"
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 5
+    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 5
     hits = register.find_versions(params, MODEL, adapter_sha256=best["adapter_sha256"])
-    assert [h["version"] for h in hits] == [4] and hits[0]["aliases"] == ["challenger", "champion"]
+    assert [h["version"] for h in hits] == [5] and hits[0]["aliases"] == ["challenger", "champion"]
 
     # Serving: the champion, loaded by alias, stylizes a clip of any size (fitted to the profile's 64x96).
     _check_serving(params, tmp_path)
