@@ -41,7 +41,10 @@ def registration_markdown(summary: dict) -> str:
             f"| promoted | {gate['passed']} |",
         ]
         if gate.get("split", "test") != "test":
-            lines += ["", f"Evaluated on the {gate['split']} clips: only a test-split evaluation can be promoted."]
+            lines += [
+                "",
+                f"Evaluated on the {gate['split']} clips: only a test-split evaluation can be promoted.",
+            ]
     else:
         lines += ["", "The same adapter was registered before: no new version."]
     lines += ["", f'Load it: `mlflow.pyfunc.load_model("models:/{summary["name"]}@champion")`']

@@ -48,7 +48,9 @@ def project(tmp_path: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
     return params
 
 
-def _put(params, adapter: Path, metric: float | None, se: float | None = None, split: str | None = None) -> None:
+def _put(
+    params, adapter: Path, metric: float | None, se: float | None = None, split: str | None = None
+) -> None:
     dst = Path(params.paths.models) / "adapter"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(adapter, dst)
