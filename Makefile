@@ -98,11 +98,9 @@ bench: $(STAMP) ## run the benchmarks (render and sample rewrite their bench/RES
 bench-gpu: $(STAMP) ## the GPU check on one H100/H200 (~5 min; writes the gpu section of bench/RESULTS.md)
 	$(BIN)/python bench/gpu.py
 
-# The columns of `make exps`: a regex over `dvc exp show` column names (`make exps EXP_COLUMNS='...'` for others).
-EXP_COLUMNS ?= ^(Experiment|Created|pairs\.styles|evaluate\.split|train\.steps|train\.lr|base/style_psnr|cs_cfg/style_psnr|cs_cfg/style_psnr_se|cs_cfg/warp_error|reconstruct/source_psnr)$$
 .PHONY: exps
-exps: $(STAMP) ## compare experiments: `dvc exp show` with a few params and metrics (EXP_COLUMNS), not 200 columns
-	$(BIN)/dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)' --precision 3
+exps: $(STAMP) ## compare experiments: the params that differ, base / adapter style PSNR, the worst style (`pickstyle exps`)
+	$(BIN)/pickstyle exps
 
 clean: ## remove the venv, the DVC-cached outputs and the local MLflow store (DVC cache kept)
 	rm -rf $(VENV) data/pairs data/clips data/testclips data/valclips data/latents models/backbone models/adapter \

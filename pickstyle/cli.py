@@ -111,6 +111,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(format_plan(result))
 
 
+def cmd_exps(args: argparse.Namespace) -> None:
+    from pickstyle.experiments import show
+
+    print(show(num=args.num))
+
+
 def cmd_app(args: argparse.Namespace) -> None:
     from pickstyle.app import launch
 
@@ -204,6 +210,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
         "parameter counts, training memory per GPU and latent cache size of the profile (no weights needed)",
     ),
     "params": (cmd_params, "print the resolved params (defaults + params.yaml + -S overrides)"),
+    "exps": (
+        cmd_exps,
+        "DVC experiments side by side: the params that differ, the split, base / adapter style PSNR, the worst style",
+    ),
 }
 
 
@@ -218,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=fn)
-        _add_params_args(p)
+        if name != "exps":  # it reads DVC's experiments, not params
+            _add_params_args(p)
         if name == "train":
             p.add_argument(
                 "--fresh",
@@ -240,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--format", choices=["wan", "comfyui"], default="wan", help="key naming (default: wan)"
+            )
+        elif name == "exps":
+            p.add_argument(
+                "-n",
+                "--num",
+                type=int,
+                default=1,
+                help="experiments of the last N commits (default: %(default)s, HEAD's; -1: all)",
             )
         elif name == "plan":
             p.add_argument("--frames", type=int, help="clip frames (default: the profile's)")
