@@ -21,6 +21,8 @@ def register_task(params: Params, flow_run_id: str | None) -> dict:
 
 def registration_markdown(summary: dict) -> str:
     gate = summary.get("gate") or {}
+    if summary.get("version") is None:
+        return f"# Not registered: `{summary['name']}`\n\n{summary['reason']}."
     lines = [
         f"# Registered `{summary['name']}` version {summary['version']}",
         "",
@@ -40,11 +42,6 @@ def registration_markdown(summary: dict) -> str:
             f"| margin | {gate['margin']} |",
             f"| promoted | {gate['passed']} |",
         ]
-        if gate.get("split", "test") != "test":
-            lines += [
-                "",
-                f"Evaluated on the {gate['split']} clips: only a test-split evaluation can be promoted.",
-            ]
     else:
         lines += ["", "The same adapter was registered before: no new version."]
     lines += ["", f'Load it: `mlflow.pyfunc.load_model("models:/{summary["name"]}@champion")`']
@@ -57,7 +54,10 @@ def register_flow(params: Params) -> dict:
     create_markdown_artifact(
         key="register-summary", markdown=registration_markdown(summary), description="MLflow registration"
     )
-    print(f"{summary['name']} version {summary['version']}: aliases {summary['aliases']}")
+    if summary["version"] is None:
+        print(f"{summary['name']}: not registered ({summary['reason']})")
+    else:
+        print(f"{summary['name']} version {summary['version']}: aliases {summary['aliases']}")
     return summary
 
 

@@ -226,7 +226,13 @@ def retrain_style(
     version = registered_version(params_at(params, root), name, exp)
     result["registered"] = version
     result["tracking_uri"] = env["PICKSTYLE_MLFLOW_URI"]
-    if version is None:
+    split = next(
+        (o.split("=", 1)[1] for o in reversed(overrides or []) if o.startswith("evaluate.split=")),
+        params.evaluate.split,
+    )
+    if version is None and split != "test":
+        note = f"not registered: evaluated on the {split} clips (only a test-split evaluation is registered)"
+    elif version is None:
         note = "no new version: this adapter was registered before (same sha256)"
     else:
         note = f"version {version['version']} (aliases: {', '.join(version['aliases']) or 'none'})"

@@ -13,19 +13,37 @@ import re
 import textwrap
 from typing import Any
 
+from pickstyle.errors import PickstyleError
+
 #: Columns of ``dvc.api.exp_show()`` rows that describe the row, not a param, metric or dependency.
 META = ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor")
 #: A dependency's or output's hash, as ``dvc.api.exp_show()`` lists them beside params and metrics.
 _HASH = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 _STYLE = re.compile(r"^style/([^/]+)/cs_cfg/style_psnr$")
+#: DVC names a column ``<file>:<name>`` when two params or metrics files share the name.
+_FILE_PREFIX = re.compile(r"^[^:]+\.(?:json|ya?ml|toml|py):")
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {_FILE_PREFIX.sub("", k): v for k, v in row.items()}
+
+
+class ExperimentsError(PickstyleError):
+    """The experiments cannot be read (not a DVC project, not a git repository)."""
 
 
 def _is_param(key: str, value: Any) -> bool:
     return key not in META and "/" not in key and not (isinstance(value, str) and _HASH.match(value))
 
 
+def _has_params(row: dict[str, Any]) -> bool:
+    return any(_is_param(k, v) and v not in (None, "None") for k, v in row.items())
+
+
 def changed_params(rows: list[dict[str, Any]]) -> list[str]:
-    """The params whose values are not the same in every row (``evaluate.split`` has its own column)."""
+    """The params whose values are not the same in every row that has params (``evaluate.split`` has its own
+    column; a queued or failed experiment's row, all ``None``, changes nothing)."""
+    rows = [r for r in rows if _has_params(r)]
     keys = sorted({k for row in rows for k, v in row.items() if _is_param(k, v)} - {"evaluate.split"})
     return [k for k in keys if len({str(row.get(k)) for row in rows}) > 1]
 
@@ -69,6 +87,7 @@ def _param_cell(value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """``dvc.api.exp_show()`` rows as a plain-text table (one line per experiment, then a legend)."""
+    rows = [_plain(r) for r in rows]
     params = changed_params(rows)
     header = ["experiment", "split", *params, "base", "adapter", "gain", "se", "worst style", "reconstruct"]
     lines = []
@@ -76,6 +95,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         name = row.get("Experiment") or row.get("rev") or "?"
         if row.get("Experiment") and row.get("rev"):
             name = f"{name} ({str(row['rev'])[:7]})"
+        if row.get("State") not in (None, "", "Success"):  # Queued, Running, Failed: no (or partial) numbers
+            name = f"{name} [{str(row['State']).lower()}]"
         numbers = summarize(row)
         lines.append(
             [
@@ -106,8 +127,13 @@ def show(repo: str | None = None, num: int = 1) -> str:
     """The table for the project at ``repo`` (default: the current one): its workspace, ``HEAD`` and the
     experiments made from the last ``num`` commits (negative: all)."""
     import dvc.api
+    from dvc.exceptions import DvcException
 
-    return format_table(dvc.api.exp_show(repo=repo, num=num))
+    try:
+        rows = dvc.api.exp_show(repo=repo, num=num)
+    except DvcException as err:  # not a DVC project, not a git repository, ...
+        raise ExperimentsError(f"{repo or '.'}: {err}") from None
+    return format_table(rows)
 
 
-__all__ = ["changed_params", "format_table", "show", "summarize"]
+__all__ = ["ExperimentsError", "changed_params", "format_table", "show", "summarize"]

@@ -4,7 +4,8 @@ The serving contract is ``models:/<name>@champion``: an MLflow pyfunc model (:mo
 artifacts are the adapter, the resolved params and, for the tiny profile, the whole backbone folder (real
 profiles record the backbone's path and fingerprint instead of copying tens of GB). Every new version gets
 ``@challenger``; ``@champion`` moves only when the evaluation gate passes (``register.gate_metric`` compared
-with the current champion's value, ``register.gate_margin``). The same adapter (same sha256) is registered once.
+with the current champion's value, ``register.gate_margin``). The same adapter (same sha256) is registered once,
+and only from an evaluation of the test clips (``<eval>/evaluation.json``; validation runs are for tuning).
 
 Where MLflow lives (the sqlite store, experiments, provenance tags) is :mod:`pickstyle.tracking`.
 """
@@ -97,9 +98,16 @@ def _read_metrics(params: Params) -> dict[str, float]:
 
 def _read_split(params: Params) -> str:
     """The split ``<eval>/metrics.json`` was measured on, from ``evaluation.json`` beside it (written by
-    :func:`pickstyle.evaluate.evaluate`); ``test`` where there is none (metrics written by hand)."""
+    :func:`pickstyle.evaluate.evaluate`, a DVC output of the evaluate stage); ``test`` where there is none
+    (metrics written by hand, or by a pickstyle older than the file)."""
     path = Path(params.paths.eval) / "evaluation.json"
-    return str(json.loads(path.read_text()).get("split", "test")) if path.is_file() else "test"
+    if not path.is_file():
+        return "test"
+    try:
+        split = json.loads(path.read_text())["split"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise RegistryError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
+    return str(split)
 
 
 def metrics_table(metrics: dict[str, float]) -> dict[str, list[Any]]:
@@ -147,9 +155,10 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
     """Register ``<models>/adapter`` as a new version of ``register.model_name`` (unless already registered).
 
     Sets ``@challenger`` on the new version and moves ``@champion`` when :func:`gate_passes` on
-    ``register.gate_metric`` from ``<eval>/metrics.json`` (the first version always becomes champion). Only a
-    version evaluated on the test split is promoted: validation numbers are what settings were tuned on, and
-    comparing them with a champion's test numbers compares two sets of clips.
+    ``register.gate_metric`` from ``<eval>/metrics.json`` (the first version always becomes champion). An
+    adapter evaluated on another split than ``test`` (``evaluate.split: val``, for tuning) is not registered:
+    its numbers are on other clips than every version's, and registering it would make the same adapter, once
+    evaluated on the test clips, "registered before".
 
     Args:
         params: the project params.
@@ -158,7 +167,8 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
     Returns:
         name, version, created (False when the adapter was registered before), promoted, champion, challenger,
         gate (metric, value, champion value, margin), adapter_sha256, run_id, model_uri; also written to
-        ``<models>/registered.json``.
+        ``<models>/registered.json``. Not registered (another split): name, version ``None``, created and
+        promoted ``False``, split, adapter_sha256, reason.
     """
     cfg = params.register
     name = cfg.model_name
@@ -166,6 +176,19 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pickstyle-register-") as tmp:
         staged = stage_adapter(adapter_dir, Path(tmp) / "adapter")  # fails before MLflow is touched
         sha = AdapterSet.open(staged).sha256()
+        split = _read_split(params)
+        if split != "test":
+            summary = {
+                "name": name,
+                "version": None,
+                "created": False,
+                "promoted": False,
+                "split": split,
+                "adapter_sha256": sha,
+                "reason": f"evaluated on the {split} clips: only a test-split evaluation is registered",
+            }
+            write_json(Path(params.paths.models) / "registered.json", summary)
+            return summary
         use_tracking(params)
         client = MlflowClient()
         try:
@@ -181,7 +204,6 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             return summary
 
         metrics = _read_metrics(params)
-        split = _read_split(params)
         value = metrics.get(cfg.gate_metric)
         champion = _alias_version(client, name, CHAMPION)
         champion_value = None
@@ -192,9 +214,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
         margin = max(
             cfg.gate_margin, cfg.gate_se_multiple * se if se is not None and math.isfinite(se) else 0.0
         )
-        passed = split == "test" and (
-            champion is None or gate_passes(value, champion_value, cfg.higher_is_better, margin)
-        )
+        passed = champion is None or gate_passes(value, champion_value, cfg.higher_is_better, margin)
         gate = {
             "metric": cfg.gate_metric,
             "value": value,
@@ -203,7 +223,6 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             "higher_is_better": cfg.higher_is_better,
             "margin": margin,
             "standard_error": se,
-            "split": split,
             "passed": passed,
         }
 
@@ -277,7 +296,7 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             run_id = run.info.run_id
         description = (
-            f"Evaluation on the {split} clips (`{params.paths.eval}/metrics.json`, gate `{cfg.gate_metric}` in "
+            f"Evaluation on the test clips (`{params.paths.eval}/metrics.json`, gate `{cfg.gate_metric}` in "
             "bold):\n\n"
         )
         version = client.create_model_version(

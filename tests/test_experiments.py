@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pickstyle.experiments import changed_params, format_table, summarize
 
 #: A one-stage project whose "evaluation" is a formula of its params: the table must show exactly these numbers.
@@ -65,11 +67,23 @@ def test_exps_shows_what_differs_and_the_gains(tmp_path: Path) -> None:
     assert rows["workspace"][1:] == longer[2:]  # `dvc exp run` leaves its result in the workspace
 
 
-def test_summary_of_a_row_without_metrics_is_dashes() -> None:
+def test_rows_without_metrics_hashes_and_failed_experiments() -> None:
     row = {"Experiment": None, "rev": "workspace", "train.steps": 5, "evaluate.split": "test"}
     assert summarize(row)["worst"] == "-"
-    assert changed_params([row, {**row, "train.steps": 6, "data/pairs": "0" * 32 + ".dir"}]) == [
-        "train.steps"
-    ]
-    lines = format_table([row, {**row, "rev": "main", "train.steps": 6}]).splitlines()
-    assert lines[2].split() == ["workspace", "test", "5", "-", "-", "-", "-", "-", "-"]
+    assert format_table([row]).splitlines()[2].split() == ["workspace", "test", "-", "-", "-", "-", "-", "-"]
+    # dependency hashes (a top-level file, a folder) are not params; a failed experiment's row (all None) and
+    # a column DVC prefixed with its file change nothing
+    other = {**row, "train.steps": 6, "score.py": "a" * 32, "data/pairs": "0" * 32 + ".dir"}
+    failed = {"Experiment": "broken", "rev": "abc1234def", "State": "Failed", "train.steps": None, "lr": None}
+    assert changed_params([{**row, "score.py": "b" * 32}, other, failed]) == ["train.steps"]
+    table = format_table([row, {**row, "params.yaml:train.steps": 6, "rev": "main"}, failed])
+    assert [line.split()[:3] for line in table.splitlines()[2:5]] == [
+        ["workspace", "test", "5"], ["main", "test", "6"], ["broken", "(abc1234)", "[failed]"]
+    ]  # fmt: skip
+
+
+def test_exps_outside_a_dvc_project_is_a_clear_error(tmp_path: Path) -> None:
+    from pickstyle.experiments import ExperimentsError, show
+
+    with pytest.raises(ExperimentsError, match=str(tmp_path)):
+        show(repo=str(tmp_path))

@@ -159,26 +159,29 @@ def test_register_versions_aliases_gate_tags_and_serving(
     assert noisy["version"] == 3 and not noisy["promoted"] and noisy["gate"]["margin"] == 3.0
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
 
-    # Clearly better, but on the validation clips: registered, never promoted (other clips than the champion's).
+    # Clearly better, but evaluated on the validation clips (for tuning): not registered at all, MLflow untouched,
+    # so the same adapter evaluated on the test clips is a new version below.
     params.register.gate_margin = 2.0
     _put(params, adapters["c"], 25.0, se=1.0, split="val")
     tuned = register.register(params)
-    assert tuned["version"] == 4 and not tuned["promoted"] and tuned["gate"]["split"] == "val"
-    assert "only a test-split evaluation can be promoted" in registration_markdown(tuned)
-    assert client.get_model_version(MODEL, "4").tags["eval.split"] == "val"
-    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 1
-    client.delete_model_version(MODEL, "4")  # so the same adapter, evaluated on the test split, is new again
+    assert tuned["version"] is None and not tuned["created"] and tuned["split"] == "val"
+    assert "only a test-split evaluation is registered" in registration_markdown(tuned)
+    assert json.loads((Path(params.paths.models) / "registered.json").read_text())["version"] is None
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 3
+    (Path(params.paths.eval) / "evaluation.json").write_text("{not json")
+    with pytest.raises(register.RegistryError, match=r"evaluation.json: not an evaluation record"):
+        register.register(params)
 
     # Clearly better (by more than the margin and the spread) on the test clips: becomes champion.
     _put(params, adapters["c"], 25.0, se=1.0, split="test")
     best = register.register(params)
-    assert best["version"] == 5 and best["promoted"] and best["champion"] == 5
+    assert best["version"] == 4 and best["promoted"] and best["champion"] == 4
     assert best["gate"]["champion_value"] == 20.0 and best["gate"]["passed"]
-    assert client.get_model_version(MODEL, "5").tags["eval.split"] == "test"
-    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 5
-    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 5
+    assert client.get_model_version(MODEL, "4").tags["eval.split"] == "test"
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 4
+    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == 4
     hits = register.find_versions(params, MODEL, adapter_sha256=best["adapter_sha256"])
-    assert [h["version"] for h in hits] == [5] and hits[0]["aliases"] == ["challenger", "champion"]
+    assert [h["version"] for h in hits] == [4] and hits[0]["aliases"] == ["challenger", "champion"]
 
     # Serving: the champion, loaded by alias, stylizes a clip of any size (fitted to the profile's 64x96).
     _check_serving(params, tmp_path)
