@@ -237,7 +237,6 @@ def register(params: Params, flow_run_id: str | None = None) -> dict[str, Any]:
                 if k in metrics
             }
         )
-        tags["eval.split"] = split
         tags["gate_metric"] = cfg.gate_metric
         tags["gate_passed"] = str(passed).lower()
         artifacts = {"adapter": str(staged), "params": str(Path(tmp) / "params.json")}
