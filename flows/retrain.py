@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.schedules import Cron
 
-from pickstyle.config import Params, load_params
+from pickstyle.config import Params, load_params, parse_overrides
 from pickstyle.register import find_versions
 from pickstyle.tracking import STYLE_ENV, artifact_root, tracking_uri
 
@@ -226,10 +226,7 @@ def retrain_style(
     version = registered_version(params_at(params, root), name, exp)
     result["registered"] = version
     result["tracking_uri"] = env["PICKSTYLE_MLFLOW_URI"]
-    split = next(
-        (o.split("=", 1)[1] for o in reversed(overrides or []) if o.startswith("evaluate.split=")),
-        params.evaluate.split,
-    )
+    split = str(parse_overrides(overrides or []).get("evaluate.split", params.evaluate.split))
     if version is None and split != "test":
         note = f"not registered: evaluated on the {split} clips (only a test-split evaluation is registered)"
     elif version is None:
