@@ -20,6 +20,7 @@ scaled by the train-step ratio).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -64,16 +65,16 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def measure(tiny, changes: dict, frames: tuple[int, int], size: tuple[int, int], repeats: int) -> dict:
+def measure(tiny, changes: dict, window: int, clip_frames: int, size: tuple[int, int], repeats: int) -> dict:
     sizes = tiny.model_copy(update=changes)
     cfg = tiny_transformer_config(sizes)
     torch.manual_seed(0)
     model = WanVACETransformer3DModel(**cfg).eval()
     model.requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
-    train_in = _inputs(sizes, cfg, frames[0], *size)
+    train_in = _inputs(sizes, cfg, window, *size)
     train_in["hidden_states"].requires_grad_(True)  # gradients flow through every block, weights frozen
-    sample_in = _inputs(sizes, cfg, frames[1], *size)
+    sample_in = _inputs(sizes, cfg, clip_frames, *size)
 
     def train_step() -> None:
         out = model(**train_in, return_dict=False)[0]
@@ -84,7 +85,7 @@ def measure(tiny, changes: dict, frames: tuple[int, int], size: tuple[int, int],
             model(**sample_in, return_dict=False)
 
     tokens = (
-        frames[1]
+        clip_frames
         * (size[0] // sizes.vae_scale_spatial // sizes.patch_size[1])
         * (size[1] // sizes.vae_scale_spatial // sizes.patch_size[2])
     )
@@ -109,7 +110,7 @@ def main() -> None:
     window = profile.train_frame_window or lat_frames
     size = (profile.height, profile.width)
 
-    rows = [(name, measure(tiny, ch, (window, lat_frames), size, args.repeats)) for name, ch in CANDIDATES]
+    rows = [(name, measure(tiny, ch, window, lat_frames, size, args.repeats)) for name, ch in CANDIDATES]
     base = rows[0][1]
     lines = [
         "| transformer | parameters | fp32 MB | tokens / clip | train step s | × | sample forward s | × "
@@ -122,7 +123,7 @@ def main() -> None:
             f"| {name} | {r['params'] / 1e6:.2f} M | {r['mb']:.1f} | {r['tokens']} | {r['train']:.3f} | "
             f"{ratio_t:.1f}x | {r['sample']:.3f} | {ratio_s:.1f}x | {TRAIN_STAGE_MIN * ratio_t:.0f} |"
         )
-    load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     text = "\n".join(
         [
             f"`python bench/backbone_cost.py` — what a sharper tiny transformer would cost (random weights: cost only). "
